@@ -1,0 +1,46 @@
+"""Showing which member spoke: terminal colours (plain when piped) and a legend."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TextIO
+
+from salm.generation import TokenDecision
+
+# Matplotlib's tab10, reused by the HTML report and plots so a member has one colour everywhere.
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+_ANSI = [34, 33, 32, 31, 35, 36, 95, 90, 93]
+
+
+def member_colour(model_ids: Sequence[str], member: str) -> str:
+    return PALETTE[list(model_ids).index(member) % len(PALETTE)]
+
+
+def use_colour(stream: TextIO) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def ansi(text: str, index: int, enabled: bool) -> str:
+    return f"\033[{_ANSI[index % len(_ANSI)]}m{text}\033[0m" if enabled else text
+
+
+def legend(model_ids: Sequence[str], colour: bool) -> str:
+    return "members: " + "  ".join(ansi(f"■ {m}", i, colour) for i, m in enumerate(model_ids))
+
+
+def print_decisions(
+    decisions: Iterable[TokenDecision], model_ids: Sequence[str], stream: TextIO = sys.stdout, colour: bool | None = None
+) -> None:
+    """Print tokens as they come, coloured by the member that emitted each (plain text when piped)."""
+    colour = use_colour(stream) if colour is None else colour
+    index = {m: i for i, m in enumerate(model_ids)}
+    for d in decisions:
+        stream.write(ansi(d.token, index[d.member], colour))
+        stream.flush()
+    stream.write("\n")
+
+
+def member_shares(decisions: Sequence[TokenDecision], model_ids: Sequence[str]) -> dict[str, float]:
+    n = max(len(decisions), 1)
+    return {m: sum(d.member == m for d in decisions) / n for m in model_ids}

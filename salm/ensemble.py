@@ -1,0 +1,412 @@
+"""MultiModelWithScalarHeads: frozen members, one trained scalar head each, routing per token.
+
+Only the heads are parameters of this module (``state_dict()``/``parameters()``/``save_pretrained``);
+the members are held outside the module tree so they are never trained, saved or moved by accident.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salm import __version__
+from salm.heads import ScalarProjectionHead
+from salm.io import atomic_write, atomic_write_json
+from salm.members import (
+    MODELS,
+    MemberError,
+    ModelInfo,
+    check_tokenizers,
+    context_length,
+    default_device,
+    default_dtype,
+    eos_token_ids,
+    load_member_model,
+    load_tokenizer,
+    resolve_models,
+)
+
+CONFIG_NAME = "salm_config.json"
+WEIGHTS_NAME = "heads.safetensors"
+SEED_WEIGHTS_NAME = "best_model_heads.pt"
+
+# Causal LMs whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``:
+# for these we run the decoder and the LM head apart, which lets generation project only the last
+# position and hands the heads the final hidden state without keeping every layer's activations.
+_SPLIT_SAFE = {
+    "qwen2",
+    "qwen3",
+    "llama",
+    "mistral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "phi3",
+    "olmo",
+    "olmo2",
+    "smollm3",
+}
+
+
+class WeightsError(ValueError):
+    """Head weights that are missing or do not fit the members."""
+
+
+@dataclass
+class MemberOutputs:
+    """What the frozen members contribute at each position: hidden state and next-token scores."""
+
+    hidden_states: list[torch.Tensor]  # per member [B, L, H_m], detached, on the heads' device
+    logits: list[torch.Tensor]  # per member [B, L', V] fp32 (L' = positions asked for), on the heads' device
+    caches: list[Any] | None = None
+
+
+@dataclass
+class EnsembleOutput:
+    router_logits: torch.Tensor  # [B, L, M]; position t routes the prediction of token t+1
+    gold_logprobs: torch.Tensor | None = None  # [B, L, M] log p_m(labels[t+1]) (0 where masked)
+    loss_mask: torch.Tensor | None = None  # [B, L] bool: positions whose next token is a label
+    logprobs: torch.Tensor | None = None  # [B, L, M, V] when no labels are given
+    hidden_states: list[torch.Tensor] | None = None
+
+    @property
+    def routing_probs(self) -> torch.Tensor:
+        return torch.softmax(self.router_logits, dim=-1)
+
+
+class MultiModelWithScalarHeads(nn.Module):
+    """An ensemble of frozen causal LMs sharing one tokenizer, routed per token by scalar heads."""
+
+    def __init__(
+        self,
+        base_models: Sequence[ModelInfo] | str | os.PathLike | None = MODELS,
+        head_hidden_dim: int = 256,
+        head_dropout: float = 0.1,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        head_norm: str = "layer",
+        members: Sequence[nn.Module] | None = None,
+        tokenizer: Any = None,
+        trust_remote_code: bool = False,
+    ):
+        """Load (or adopt, via ``members=``/``tokenizer=``) the members and build one head per member.
+
+        ``device`` places the heads and every member without its own ``ModelInfo.device``; ``dtype``
+        is the members' dtype (bf16 on accelerators, fp32 on CPU when not given). Heads stay fp32.
+        """
+        super().__init__()
+        infos = resolve_models(base_models)
+        self.device = torch.device(device or default_device())
+        self.dtype = dtype or default_dtype(self.device)
+        self.infos = infos
+        self.model_ids = [m.id for m in infos]
+        self.head_hidden_dim, self.head_dropout, self.head_norm = head_hidden_dim, head_dropout, head_norm
+        if members is None:
+            tokenizers = [load_tokenizer(m, trust_remote_code) for m in infos]
+            check_tokenizers(tokenizers, infos)
+            members = [load_member_model(m, m.device or self.device, self.dtype, trust_remote_code) for m in infos]
+            tokenizer = tokenizers[0]
+        else:
+            if len(members) != len(infos):
+                raise MemberError(f"got {len(members)} member models for {len(infos)} member infos")
+            if tokenizer is None:
+                raise MemberError("pass tokenizer= together with members=")
+            for m in members:
+                m.eval()
+                m.requires_grad_(False)
+        # A plain list keeps members out of state_dict(), parameters() and .to().
+        self.__dict__["members"] = list(members)
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.vocab_size = len(tokenizer)
+        for info, model in zip(infos, self.members):
+            n = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+            if n is not None and n < self.vocab_size:
+                raise MemberError(
+                    f"member {info.id!r} has {n} output rows but the shared tokenizer has {self.vocab_size} tokens"
+                )
+        self.eos_token_ids = eos_token_ids(self.members, tokenizer)
+        self.hidden_sizes = [m.config.hidden_size for m in self.members]
+        self.projection_heads = nn.ModuleDict(
+            {
+                mid: ScalarProjectionHead(h, head_hidden_dim, head_dropout, norm=head_norm)
+                for mid, h in zip(self.model_ids, self.hidden_sizes)
+            }
+        )
+        self.projection_heads.to(self.device)
+        self._cache_kwarg = [
+            "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values" for m in self.members
+        ]
+
+    # ------------------------------------------------------------------ members
+    @property
+    def common_tokenizer(self):  # the seed's name
+        return self.tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        """The smallest member context: no member may be asked to read beyond its own."""
+        lengths = [n for n in (context_length(m) for m in self.members) if n]
+        return min(lengths) if lengths else None
+
+    def member_device(self, i: int) -> torch.device:
+        return next(self.members[i].parameters()).device
+
+    def run_member(
+        self,
+        i: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+        logits_positions: slice | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One member forward: (final hidden [B, L, H], fp32 logits [B, L', V] for ``logits_positions``, cache)."""
+        model = self.members[i]
+        dev = self.member_device(i)
+        kw = {
+            "input_ids": input_ids.to(dev),
+            "attention_mask": attention_mask.to(dev),
+            "position_ids": position_ids.to(dev),
+            "use_cache": cache is not None,
+        }
+        if cache is not None:
+            kw[self._cache_kwarg[i]] = cache
+        sl = logits_positions if logits_positions is not None else slice(None)
+        with torch.no_grad():
+            if model.config.model_type in _SPLIT_SAFE and getattr(model, "base_model", model) is not model:
+                out = model.base_model(**kw)
+                hidden = out.last_hidden_state
+                logits = model.get_output_embeddings()(hidden[:, sl])
+            else:
+                out = model(**kw, output_hidden_states=True)
+                hidden = out.hidden_states[-1]
+                logits = out.logits[:, sl]
+        logits = logits[..., : self.vocab_size].float().to(self.device)
+        return hidden.detach().to(self.device), logits, cache
+
+    def member_outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        logits_positions: slice | None = None,
+    ) -> MemberOutputs:
+        """Run every frozen member over a (left- or right-padded) batch."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden, logits = [], []
+        for i in range(len(self.members)):
+            h, lg, _ = self.run_member(i, input_ids, attention_mask, position_ids, None, logits_positions)
+            hidden.append(h)
+            logits.append(lg)
+        return MemberOutputs(hidden, logits)
+
+    # ------------------------------------------------------------------ heads
+    def router_logits(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-member hidden states [..., H_m] -> routing scores [..., M]."""
+        scores = [
+            self.projection_heads[mid](h.to(self.device).detach()) for mid, h in zip(self.model_ids, hidden_states)
+        ]
+        return torch.stack(scores, dim=-1).float()
+
+    def get_model_probs(self, all_raw_scores: torch.Tensor) -> torch.Tensor:
+        """The seed's name: routing probabilities, the softmax of the router logits over members."""
+        return torch.softmax(all_raw_scores, dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_hidden_states: bool = False,
+    ) -> EnsembleOutput:
+        """Router logits per position and, with ``labels``, each member's log-prob of the gold next token.
+
+        ``labels`` follow Hugging Face's convention: aligned with ``input_ids``, -100 where ignored; the
+        shift is done here, so position t carries log p_m(labels[t+1]). Without labels the full
+        next-token log-probs [B, L, M, V] are returned (memory-hungry; meant for short inputs).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mo = self.member_outputs(input_ids, attention_mask)
+        router_logits = self.router_logits(mo.hidden_states)
+        out = EnsembleOutput(
+            router_logits=router_logits, hidden_states=mo.hidden_states if return_hidden_states else None
+        )
+        if labels is None:
+            out.logprobs = torch.stack([F.log_softmax(lg, dim=-1) for lg in mo.logits], dim=2)
+            return out
+        labels = labels.to(self.device)
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        mask = nxt != -100
+        safe = nxt.clamp(min=0).unsqueeze(-1)
+        gold = [lg.gather(-1, safe).squeeze(-1) - torch.logsumexp(lg, dim=-1) for lg in mo.logits]
+        out.gold_logprobs = torch.stack(gold, dim=-1).masked_fill(~mask.unsqueeze(-1), 0.0)
+        out.loss_mask = mask
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt=None, *args, **kwargs):
+        """Routed generation; see :func:`salm.generation.generate` for every argument."""
+        from salm.generation import generate
+
+        if prompt is None and "input_texts" in kwargs:
+            prompt = kwargs.pop("input_texts")
+        return generate(self, prompt, *args, **kwargs)
+
+    def stream(self, prompt: str, **kwargs):
+        """Yield generated tokens one at a time (with their member and routing probabilities)."""
+        from salm.generation import stream
+
+        return stream(self, prompt, **kwargs)
+
+    # ------------------------------------------------------------------ save / load
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "salm_version": __version__,
+            "members": [dict(m.to_dict(), hidden_size=h) for m, h in zip(self.infos, self.hidden_sizes)],
+            "head_hidden_dim": self.head_hidden_dim,
+            "head_dropout": self.head_dropout,
+            "head_norm": self.head_norm,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write only the heads (safetensors) and a JSON config naming the members; never the members."""
+        from safetensors.torch import save_file
+
+        d = Path(save_directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
+        atomic_write_json(d / CONFIG_NAME, self.config_dict())
+        return d
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights_path: str | os.PathLike | None = None,
+        base_models: Sequence[ModelInfo] | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> MultiModelWithScalarHeads:
+        """Load trained heads: our folder (safetensors + config), a ``.safetensors`` file, or the seed's ``.pt``.
+
+        Without ``base_models`` the members named in the folder's config are loaded (PEFT-style). Weights
+        whose member ids or shapes do not fit the members raise :class:`WeightsError` listing every mismatch.
+        """
+        if weights_path is None:
+            raise WeightsError("from_pretrained needs weights_path (a saLM folder, .safetensors or .pt file)")
+        state, config = read_weights(weights_path)
+        if base_models is None:
+            if config is None:
+                base_models = MODELS
+            else:
+                base_models = [
+                    ModelInfo(**{k: v for k, v in m.items() if k != "hidden_size"}) for m in config["members"]
+                ]
+        if config is not None:
+            kwargs.setdefault("head_hidden_dim", config.get("head_hidden_dim", 256))
+            kwargs.setdefault("head_dropout", config.get("head_dropout", 0.1))
+            kwargs.setdefault("head_norm", config.get("head_norm", "layer"))
+        else:
+            state = _canonical_state(state, resolve_models(base_models))
+            kwargs.setdefault("head_norm", "batch" if any("running_mean" in k for k in state) else "layer")
+            w0 = next((v for k, v in state.items() if k.endswith("non_linear_projection.0.weight")), None)
+            if w0 is not None:
+                kwargs.setdefault("head_hidden_dim", w0.shape[0])
+        model = cls(base_models, **kwargs)
+        model.load_heads(state, source=str(weights_path))
+        model.eval()
+        return model
+
+    def load_heads(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Load head weights strictly: any missing, unexpected or mis-shaped tensor is an error."""
+        state = _canonical_state(state, self.infos)
+        own = self.state_dict()
+        problems = []
+        file_ids = sorted({k.split(".")[1] for k in state if k.startswith("projection_heads.")})
+        missing_ids = [i for i in self.model_ids if i not in file_ids]
+        extra_ids = [i for i in file_ids if i not in self.model_ids]
+        if missing_ids:
+            problems.append(f"no heads for members {missing_ids}")
+        if extra_ids:
+            problems.append(f"heads for members not in this ensemble {extra_ids}")
+        for k, v in state.items():
+            if k in own and own[k].shape != v.shape:
+                problems.append(f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k].shape)} expected")
+        missing = [k for k in own if k not in state and k.split(".")[1] not in missing_ids]
+        unexpected = [k for k in state if k not in own and k.split(".")[1] not in extra_ids]
+        if missing:
+            problems.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+        if unexpected:
+            problems.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        if problems:
+            raise WeightsError(f"head weights in {source} do not fit members {self.model_ids}: " + "; ".join(problems))
+        self.load_state_dict(state, strict=True)
+
+    def train(self, mode: bool = True):
+        """Only heads ever train; members stay in eval mode (no dropout) whatever is asked."""
+        super().train(mode)
+        for m in self.members:
+            m.eval()
+        return self
+
+
+def _canonical_state(state: dict[str, torch.Tensor], infos: Sequence[ModelInfo]) -> dict[str, torch.Tensor]:
+    """Rename aliased member ids (the seed's ``quen-25-15b-med``) to the canonical ids."""
+    alias = {a: m.id for m in infos for a in m.aliases}
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if len(parts) > 1 and parts[0] == "projection_heads" and parts[1] in alias:
+            parts[1] = alias[parts[1]]
+        out[".".join(parts)] = v
+    return out
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict, saLM config or None) from a folder, a .safetensors file or a (seed) .pt file.
+
+    ``.pt`` files are untrusted input: they are read with ``weights_only=True`` (no pickled code runs).
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise WeightsError(f"weights path {p} does not exist")
+    config = None
+    if p.is_dir():
+        if (p / CONFIG_NAME).is_file():
+            config = json.loads((p / CONFIG_NAME).read_text())
+        if (p / WEIGHTS_NAME).is_file():
+            p = p / WEIGHTS_NAME
+        elif (p / SEED_WEIGHTS_NAME).is_file():
+            p = p / SEED_WEIGHTS_NAME
+        else:
+            raise WeightsError(f"weights folder {p} holds neither {WEIGHTS_NAME} nor {SEED_WEIGHTS_NAME}")
+    elif p.suffix == ".safetensors" and (p.parent / CONFIG_NAME).is_file():
+        config = json.loads((p.parent / CONFIG_NAME).read_text())
+    try:
+        if p.suffix == ".safetensors":
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"could not read head weights from {p}: {e}") from e
+    if isinstance(state, dict) and "heads" in state and isinstance(state["heads"], dict):
+        state = state["heads"]  # a training checkpoint
+    if isinstance(state, dict) and "model_state_dict" in state:
+        state = state["model_state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{p} does not hold a state dict of tensors")
+    return state, config

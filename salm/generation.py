@@ -1,0 +1,420 @@
+"""Routed decoding: one KV cache per member, batched with left padding, a routing decision per token.
+
+At every step each member reads only the newly emitted token (its own cache holds the rest), the
+heads score the members' final hidden states, and a routing rule picks whose distribution the next
+token comes from. ``routing="member:<id>"`` runs the very same loop with the choice forced, which is
+what makes member-vs-ensemble comparisons fair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+ROUTING_MODES = ("argmax", "mixture", "threshold:<p>", "member:<id>")
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments (the message names the argument)."""
+
+
+@dataclass
+class TokenDecision:
+    """One generated token: who emitted it and how the router weighed the members."""
+
+    token: str
+    token_id: int
+    member: str
+    routing_probs: dict[str, float]
+
+    def to_seed_dict(self) -> dict[str, Any]:
+        """The seed's ``answer_confidence.json`` token layout."""
+        return {
+            "token": self.token,
+            "token_id": self.token_id,
+            "best_model": self.member,
+            "confidence_scores": self.routing_probs,
+        }
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    decisions: list[TokenDecision] = field(default_factory=list)
+    stop_reason: str = "length"  # "eos", "stop", "length" or "context"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "stop_reason": self.stop_reason,
+            "decisions": [asdict(d) for d in self.decisions],
+        }
+
+
+@dataclass(frozen=True)
+class Routing:
+    mode: str  # "argmax" | "mixture" | "threshold" | "member"
+    threshold: float = 0.0
+    member: int = 0
+
+
+def parse_routing(routing: str, model_ids: Sequence[str]) -> Routing:
+    """Parse ``argmax`` | ``mixture`` | ``threshold:<p>`` | ``member:<id>``."""
+    if routing in ("argmax", "mixture"):
+        return Routing(routing)
+    kind, _, arg = routing.partition(":")
+    if kind == "threshold":
+        try:
+            p = float(arg)
+        except ValueError:
+            p = -1.0
+        if not 0.0 < p < 1.0:
+            raise GenerationError(f"routing {routing!r}: threshold must be a number in (0, 1), e.g. threshold:0.6")
+        return Routing("threshold", threshold=p)
+    if kind == "member":
+        from salm.members import MODELS
+
+        aliases = {a: m.id for m in MODELS for a in m.aliases}
+        mid = aliases.get(arg, arg)
+        if mid not in model_ids:
+            raise GenerationError(f"routing {routing!r}: unknown member {arg!r}; members are {list(model_ids)}")
+        return Routing("member", member=list(model_ids).index(mid))
+    raise GenerationError(f"unknown routing {routing!r}; use one of {', '.join(ROUTING_MODES)}")
+
+
+def _filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k then nucleus filtering of [B, V] probabilities, renormalised."""
+    if top_k and top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = cum - sorted_p > top_p * cum[..., -1:]  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    routing_probs: torch.Tensor,
+    routing: Routing,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, M, V], routing probs [B, M] -> (next token [B], emitting member [B]).
+
+    argmax/threshold/member pick one member per row and sample from its own (tempered) distribution.
+    mixture samples from sum_m pi_m p_m -- the distribution the training loss optimises -- and credits
+    the token to the member with the largest share pi_m p_m(token).
+    """
+    B, M, _ = logits.shape
+    rows = torch.arange(B, device=logits.device)
+    if routing.mode == "mixture":
+        t = temperature if temperature > 0 else 1.0
+        member_probs = torch.softmax(logits / t, dim=-1)  # [B, M, V]
+        mix = (routing_probs.unsqueeze(-1) * member_probs).sum(1)
+        if temperature == 0:
+            token = mix.argmax(-1)
+        else:
+            token = torch.multinomial(_filter_probs(mix, top_k, top_p), 1, generator=generator).squeeze(-1)
+        share = routing_probs * member_probs[rows, :, token]
+        return token, share.argmax(-1)
+    if routing.mode == "member":
+        member = torch.full((B,), routing.member, dtype=torch.long, device=logits.device)
+    elif routing.mode == "threshold":
+        others = routing_probs.clone()
+        others[:, 0] = -1.0
+        best = others.argmax(-1)
+        over = others[rows, best] > routing.threshold
+        member = torch.where(over, best, torch.zeros_like(best))
+    else:
+        member = routing_probs.argmax(-1)
+    chosen = logits[rows, member]  # [B, V]
+    if temperature == 0:
+        return chosen.argmax(-1), member
+    probs = _filter_probs(torch.softmax(chosen / temperature, dim=-1), top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1), member
+
+
+def _validate(prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    if not prompts:
+        raise GenerationError("prompt list is empty: pass at least one prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise GenerationError(f"prompt {i} is {type(p).__name__}, not a string")
+
+
+def encode_prompts(model, prompts: list[str], truncate: str | None = None) -> list[list[int]]:
+    """Token ids per prompt; a prompt beyond the smallest member context is an error unless truncate='left'."""
+    if truncate not in (None, "left"):
+        raise GenerationError(f"truncate must be None or 'left', got {truncate!r}")
+    ctx = model.context_length
+    encoded = []
+    for i, p in enumerate(prompts):
+        ids = model.tokenizer(p)["input_ids"]
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty (no tokens)")
+        if ctx is not None and len(ids) >= ctx:
+            if truncate != "left":
+                smallest = min(
+                    (m for m in model.members if getattr(m.config, "max_position_embeddings", None)),
+                    key=lambda m: m.config.max_position_embeddings,
+                )
+                who = model.model_ids[model.members.index(smallest)]
+                raise GenerationError(
+                    f"prompt {i} has {len(ids)} tokens; member {who!r} reads at most {ctx} "
+                    "(pass truncate='left' to keep the prompt's end)"
+                )
+            ids = ids[-(ctx - 1) :]
+        encoded.append(ids)
+    return encoded
+
+
+def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, x in enumerate(batch):
+        ids[r, width - len(x) :] = torch.tensor(x, dtype=torch.long)
+        mask[r, width - len(x) :] = 1
+    return ids, mask
+
+
+def decode_steps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    routing: Routing,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (tokens [B], members [B], routing probs [B, M]) per step; the caller decides when to stop.
+
+    With ``use_cache=False`` every step recomputes the whole sequence (the reference the cached path
+    is tested against).
+    """
+    from transformers import DynamicCache
+
+    device = model.device
+    M = len(model.members)
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    caches = [DynamicCache(config=m.config) if use_cache else None for m in model.members]
+    ctx = model.context_length
+    last = slice(-1, None)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    feed_ids, feed_pos = ids, pos
+    for step in range(max_new_tokens):
+        hidden, logits = [], []
+        for i in range(M):
+            h, lg, _ = model.run_member(i, feed_ids, mask, feed_pos, caches[i], last)
+            hidden.append(h[:, -1])
+            logits.append(lg[:, -1])
+        with torch.no_grad():
+            probs = torch.softmax(model.router_logits(hidden), dim=-1)
+        token, member = choose_tokens(torch.stack(logits, 1), probs, routing, temperature, top_k, top_p, generator)
+        yield token, member, probs
+        if step + 1 == max_new_tokens or (ctx is not None and mask.shape[1] + 1 >= ctx):
+            return
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if use_cache:
+            feed_ids, feed_pos = token[:, None], mask.sum(-1, keepdim=True) - 1
+        else:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            feed_ids, feed_pos = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _stop_index(text: str, stop: Sequence[str]) -> int:
+    hits = [text.find(s) for s in stop if s and s in text]
+    return min(hits) if hits else -1
+
+
+def generate(
+    model,
+    prompt: str | Sequence[str] | None = None,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    routing: str = "argmax",
+    return_decisions: bool = False,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    truncate: str | None = None,
+    batch_size: int | None = None,
+    streamer: Callable[[int, TokenDecision], None] | None = None,
+    return_outputs: bool = False,
+    progress: bool = False,
+):
+    """Generate with per-token routing.
+
+    A string prompt returns a string, a list returns a list (in order). With ``return_decisions`` each
+    result is a dict ``{"text", "token_ids", "stop_reason", "decisions"}`` where decisions list, per
+    generated token, its text, id, the member that emitted it and every member's routing probability.
+    ``return_outputs`` returns :class:`GenerationOutput` objects instead. Generation stops at any
+    member's EOS id, at a ``stop`` string (cut from the text) or after ``max_new_tokens``.
+    ``temperature=0`` is greedy. ``streamer(row, decision)`` is called for every token as it is made.
+    """
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt or [])
+    _validate(prompts, max_new_tokens, temperature, top_p, top_k)
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    rt = parse_routing(routing, model.model_ids)
+    encoded = encode_prompts(model, prompts, truncate)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    # Sorting by length keeps padding small inside each batch; results go back in the caller's order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    bs = batch_size or len(prompts)
+    results: list[GenerationOutput | None] = [None] * len(prompts)
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generating", unit="prompt")
+    try:
+        for rows in batches:
+            outs = _generate_batch(
+                model,
+                [encoded[i] for i in rows],
+                max_new_tokens,
+                rt,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+                use_cache,
+                stops,
+                streamer,
+                rows,
+            )
+            for i, o in zip(rows, outs):
+                results[i] = o
+            if bar is not None:
+                bar.update(len(rows))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    if return_outputs:
+        final: list[Any] = results
+    elif return_decisions:
+        final = [r.to_dict() for r in results]
+    else:
+        final = [r.text for r in results]
+    return final[0] if single else final
+
+
+def _generate_batch(
+    model, encoded, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache, stops, streamer, rows
+) -> list[GenerationOutput]:
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(model.eos_token_ids), 0)
+    ids, mask = _left_pad(encoded, pad_id)
+    B = len(encoded)
+    gen: list[list[int]] = [[] for _ in range(B)]
+    members: list[list[int]] = [[] for _ in range(B)]
+    probs_hist: list[list[list[float]]] = [[] for _ in range(B)]
+    reason = ["length"] * B
+    done = [False] * B
+    steps = decode_steps(model, ids, mask, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache)
+    n_steps = 0
+    for token, member, probs in steps:
+        n_steps += 1
+        token_l, member_l, probs_l = token.tolist(), member.tolist(), probs.tolist()
+        for r in range(B):
+            if done[r]:
+                continue
+            t = token_l[r]
+            if t in model.eos_token_ids:
+                done[r], reason[r] = True, "eos"
+                continue
+            gen[r].append(t)
+            members[r].append(member_l[r])
+            probs_hist[r].append(probs_l[r])
+            if streamer is not None:
+                streamer(rows[r], _decision(model, t, member_l[r], probs_l[r]))
+            if stops and _stop_index(tok.decode(gen[r], skip_special_tokens=True), stops) >= 0:
+                done[r], reason[r] = True, "stop"
+        if all(done):
+            steps.close()
+            break
+    if n_steps < max_new_tokens:
+        for r in range(B):
+            if not done[r]:
+                reason[r] = "context"
+    outs = []
+    for r in range(B):
+        text = tok.decode(gen[r], skip_special_tokens=True)
+        cut = _stop_index(text, stops) if stops else -1
+        if cut >= 0:
+            text = text[:cut]
+        decisions = [_decision(model, t, m, p) for t, m, p in zip(gen[r], members[r], probs_hist[r])]
+        outs.append(GenerationOutput(text, gen[r], decisions, reason[r]))
+    return outs
+
+
+def _decision(model, token_id: int, member: int, probs: list[float]) -> TokenDecision:
+    return TokenDecision(
+        token=model.tokenizer.decode([token_id]),
+        token_id=token_id,
+        member=model.model_ids[member],
+        routing_probs={mid: float(p) for mid, p in zip(model.model_ids, probs)},
+    )
+
+
+def stream(model, prompt: str, **kwargs) -> Iterator[TokenDecision]:
+    """Iterate over the tokens of one prompt as they are generated (for CLIs and notebooks).
+
+    Runs the decoding on this thread step by step; stopping the iteration stops generation.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=64)
+    sentinel = object()
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            generate(model, prompt, streamer=lambda _r, d: q.put(d), **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the consumer's thread
+            error.append(e)
+        finally:
+            q.put(sentinel)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    while True:
+        item = q.get()
+        if item is sentinel:
+            break
+        yield item
+    th.join()
+    if error:
+        raise error[0]

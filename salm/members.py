@@ -1,0 +1,249 @@
+"""Members: which frozen causal LMs form the ensemble, how they load, and whether they can be mixed.
+
+Token-level routing only makes sense when every member reads and writes the same token ids, so the
+tokenizer check here is strict (identical token->id maps) while cosmetic differences (eos/pad
+settings, chat templates) of community finetunes are only warned about.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelInfo:
+    """One member: the seed's fields, plus where it lives and on which device it runs."""
+
+    id: str
+    name: str
+    path: str
+    parameters: str = ""
+    task: str = ""
+    revision: str | None = None
+    device: str | None = None
+    aliases: tuple[str, ...] = field(default=(), repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("aliases")
+        return {k: v for k, v in d.items() if v not in (None, "")}
+
+
+MODELS: list[ModelInfo] = [
+    ModelInfo("qwen-25-15b", "Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B", "1.5B", "general"),
+    ModelInfo(
+        "qwen-25-15b-med",
+        "Qwen2.5-1.5B medical finetune",
+        "Arthur-77/QWEN2.5-1.5B-medical-finetuned",
+        "1.5B",
+        "medical",
+        aliases=("quen-25-15b-med",),  # the seed's misspelled id
+    ),
+    ModelInfo("qwen-25-15b-math", "Qwen2.5-Math-1.5B", "Qwen/Qwen2.5-Math-1.5B", "1.5B", "math"),
+]
+
+
+class MemberError(ValueError):
+    """A member set, member path or member compatibility problem the user must fix."""
+
+
+def canonical_id(model_id: str, models: Sequence[ModelInfo] = MODELS) -> str:
+    """Map an id or alias (e.g. the seed's ``quen-25-15b-med``) to the canonical member id."""
+    for m in models:
+        if model_id == m.id or model_id in m.aliases:
+            return m.id
+    known = ", ".join(m.id for m in models)
+    raise MemberError(f"unknown member id {model_id!r}; known members: {known}")
+
+
+def select_models(ids: Iterable[str], models: Sequence[ModelInfo] = MODELS) -> list[ModelInfo]:
+    """Pick members by id or alias, keeping the requested order."""
+    by_id = {m.id: m for m in models}
+    return [by_id[canonical_id(i, models)] for i in ids]
+
+
+def load_member_set(path: str | os.PathLike) -> list[ModelInfo]:
+    """Read a member set from YAML or JSON: a list of members, or ``{"members": [...]}``.
+
+    Relative local paths are resolved against the file's folder, so a member-set file can travel with
+    the model folders it names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MemberError(f"member-set file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - parser errors differ by format; report them uniformly
+        raise MemberError(f"member-set file {path} could not be parsed: {e}") from e
+    entries = raw.get("members") if isinstance(raw, dict) else raw
+    if not isinstance(entries, list):
+        raise MemberError(f"member-set file {path}: expected a list of members or a 'members:' list")
+    members: list[ModelInfo] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry or "path" not in entry:
+            raise MemberError(f"member-set file {path}: member #{i + 1} needs at least 'id' and 'path'")
+        unknown = set(entry) - {"id", "name", "path", "parameters", "task", "revision", "device"}
+        if unknown:
+            raise MemberError(f"member-set file {path}: member {entry['id']!r} has unknown fields {sorted(unknown)}")
+        p = str(entry["path"])
+        local = (path.parent / p).expanduser()
+        if not Path(p).is_absolute() and (p.startswith(".") or local.exists()):
+            p = str(local.resolve())
+        members.append(
+            ModelInfo(
+                id=str(entry["id"]),
+                name=str(entry.get("name", entry["id"])),
+                path=p,
+                parameters=str(entry.get("parameters", "")),
+                task=str(entry.get("task", "")),
+                revision=entry.get("revision"),
+                device=entry.get("device"),
+            )
+        )
+    validate_member_set(members, source=str(path))
+    return members
+
+
+def validate_member_set(models: Sequence[ModelInfo], source: str = "member set") -> None:
+    if len(models) < 2:
+        raise MemberError(f"{source}: an ensemble needs at least 2 members, got {len(models)}")
+    ids = [m.id for m in models]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise MemberError(f"{source}: duplicate member ids {dupes}")
+    for m in models:
+        if "." in m.id or not m.id:
+            raise MemberError(f"{source}: member id {m.id!r} must be non-empty and contain no '.'")
+
+
+def resolve_models(models: str | os.PathLike | Sequence[ModelInfo] | None) -> list[ModelInfo]:
+    """Accept ``None`` (the default trio), a member-set file, or a list of ModelInfo."""
+    if models is None:
+        return list(MODELS)
+    if isinstance(models, (str, os.PathLike)):
+        return load_member_set(models)
+    models = list(models)
+    validate_member_set(models)
+    return models
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on accelerators (the members are frozen, so half precision costs no training accuracy); fp32 on CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
+
+
+def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = str(Path(info.path).expanduser()) if _is_local(info.path) else info.path
+    if _is_local(info.path) and not Path(path).is_dir():
+        raise MemberError(f"member {info.id!r}: local path {info.path} is not a readable folder")
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=info.revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise MemberError(f"member {info.id!r}: could not load the tokenizer from {info.path}: {e}") from e
+
+
+def load_member_model(
+    info: ModelInfo,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    trust_remote_code: bool = False,
+):
+    """Load one member frozen and in eval mode: no gradients ever flow into a member."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(Path(info.path).expanduser()) if _is_local(info.path) else info.path
+    if _is_local(info.path) and not Path(path).is_dir():
+        raise MemberError(f"member {info.id!r}: local path {info.path} is not a readable folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, revision=info.revision, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    except Exception as e:  # noqa: BLE001
+        raise MemberError(f"member {info.id!r}: could not load the model from {info.path}: {e}") from e
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_tokenizers(tokenizers: Sequence[Any], models: Sequence[ModelInfo]) -> None:
+    """Raise unless every member maps every token to the same id; warn on special-token differences."""
+    ref, ref_info = tokenizers[0], models[0]
+    ref_vocab = ref.get_vocab()
+    for tok, info in zip(tokenizers[1:], models[1:]):
+        vocab = tok.get_vocab()
+        if vocab != ref_vocab:
+            first = _first_difference(ref_vocab, vocab)
+            raise MemberError(
+                f"tokenizer mismatch between members {ref_info.id!r} and {info.id!r}: {first}; "
+                "token-level routing needs identical token->id maps"
+            )
+        for attr in ("eos_token", "pad_token", "bos_token"):
+            a, b = getattr(ref, attr, None), getattr(tok, attr, None)
+            if a != b:
+                warnings.warn(
+                    f"members {ref_info.id!r} and {info.id!r} differ in {attr} ({a!r} vs {b!r}); "
+                    "generation stops at any member's EOS id",
+                    stacklevel=2,
+                )
+
+
+def _first_difference(a: dict[str, int], b: dict[str, int]) -> str:
+    for token in sorted(set(a) | set(b), key=lambda t: (a.get(t, b.get(t, 0)), t)):
+        if a.get(token) != b.get(token):
+            return f"token {token!r} has id {a.get(token)} vs {b.get(token)}"
+    return "vocabularies differ"
+
+
+def eos_token_ids(models: Sequence[Any], tokenizer: Any) -> set[int]:
+    """Every EOS id any member (config, generation config or tokenizer) declares: generation stops at any."""
+    ids: set[int] = set()
+
+    def add(v: Any) -> None:
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v if x is not None)
+
+    for m in models:
+        add(getattr(m.config, "eos_token_id", None))
+        gc = getattr(m, "generation_config", None)
+        if gc is not None:
+            add(getattr(gc, "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    return ids
+
+
+def context_length(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)

@@ -1,0 +1,156 @@
+"""The ensemble: heads, routing, save/load, member loading and compatibility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from salm.ensemble import WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError
+from salm.heads import ScalarProjectionHead
+from salm.members import MemberError, ModelInfo, load_member_set, select_models
+
+
+def fresh(ens: MultiModelWithScalarHeads, seed: int = 0, **kw) -> MultiModelWithScalarHeads:
+    """A new ensemble (new heads) over the already loaded members: cheap, and keeps tests independent."""
+    torch.manual_seed(seed)
+    return MultiModelWithScalarHeads(ens.infos, device="cpu", members=ens.members, tokenizer=ens.tokenizer, **kw).eval()
+
+
+def batch(ens, texts):
+    enc = ens.tokenizer(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_routing_probs_sum_to_one(tiny_ensemble):
+    ids, mask = batch(tiny_ensemble, ["Tom has 12 apples.", "def add(a, b):\n    return a + b"])
+    out = tiny_ensemble(ids, mask)
+    assert out.router_logits.shape == (2, ids.shape[1], 3)
+    torch.testing.assert_close(out.routing_probs.sum(-1), torch.ones(2, ids.shape[1]))
+    assert out.logprobs.shape == (2, ids.shape[1], 3, tiny_ensemble.vocab_size)
+
+
+def test_only_heads_are_parameters_and_state(tiny_ensemble):
+    ens = fresh(tiny_ensemble)
+    names = [n for n, _ in ens.named_parameters()]
+    assert names and all(n.startswith("projection_heads.") for n in names)
+    assert all(k.startswith("projection_heads.") for k in ens.state_dict())
+    assert all(not p.requires_grad for m in ens.members for p in m.parameters())
+    ens.train()
+    assert all(not m.training for m in ens.members)  # members never enter train mode (dropout off)
+    head_sizes = {mid: h.non_linear_projection[0].in_features for mid, h in ens.projection_heads.items()}
+    assert head_sizes == {"tiny-0": 32, "tiny-1": 48, "tiny-2": 32}
+
+
+def test_gold_logprobs_match_member_logits(tiny_ensemble):
+    ids, mask = batch(tiny_ensemble, ["The patient presented with fever"])
+    labels = ids.clone()
+    labels[:, :2] = -100
+    out = tiny_ensemble(ids, mask, labels=labels)
+    ref = torch.log_softmax(tiny_ensemble.members[1](input_ids=ids).logits[0, :-1].float(), -1)
+    expected = ref.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out.gold_logprobs[0, 1:-1, 1], expected[1:], rtol=1e-4, atol=1e-4)
+    assert out.loss_mask[0].tolist() == [False] + [True] * (ids.shape[1] - 2) + [False]
+
+
+def test_head_is_batch_independent():
+    head = ScalarProjectionHead(16).eval()
+    x = torch.randn(3, 5, 16)
+    one = head(x[:1])
+    torch.testing.assert_close(head(x)[:1], one)  # LayerNorm: no batch statistics leak between rows
+    assert head(x[0, 0]).shape == ()
+
+
+def test_save_load_round_trip(tiny_ensemble, tmp_path):
+    ens = fresh(tiny_ensemble, seed=3)
+    ens.save_pretrained(tmp_path / "heads")
+    cfg = json.loads((tmp_path / "heads" / "salm_config.json").read_text())
+    assert [m["id"] for m in cfg["members"]] == ens.model_ids
+    assert [m["hidden_size"] for m in cfg["members"]] == [32, 48, 32]
+    assert (tmp_path / "heads" / WEIGHTS_NAME).stat().st_size < 2_000_000  # heads only, never members
+    loaded = MultiModelWithScalarHeads.from_pretrained(weights_path=tmp_path / "heads", device="cpu")
+    ids, mask = batch(ens, ["Sphinx of black quartz"])
+    torch.testing.assert_close(loaded(ids, mask).router_logits, ens(ids, mask).router_logits)
+
+
+def _seed_state(ens, ids):
+    """A state dict in the seed's layout: BatchNorm heads under projection_heads.<id>."""
+    state = {}
+    torch.manual_seed(7)
+    for mid, h in zip(ids, ens.hidden_sizes):
+        seed_head = ScalarProjectionHead(h, 256, norm="batch")
+        for mod in seed_head.non_linear_projection:
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.running_mean.normal_()
+                mod.running_var.uniform_(0.5, 2.0)
+        state.update({f"projection_heads.{mid}.{k}": v for k, v in seed_head.state_dict().items()})
+    return state
+
+
+def test_seed_pt_layout_loads_with_alias(tiny_ensemble, tmp_path):
+    infos = [ModelInfo(i.id, i.name, i.path, aliases=(f"old-{i.id}",)) for i in tiny_ensemble.infos]
+    state = _seed_state(tiny_ensemble, [f"old-{i.id}" for i in infos])
+    torch.save(state, tmp_path / "best_model_heads.pt")
+    ens = MultiModelWithScalarHeads.from_pretrained(
+        base_models=infos, weights_path=tmp_path / "best_model_heads.pt", device="cpu"
+    )
+    assert ens.head_norm == "batch"
+    h = torch.randn(4, 48)
+    ref = ScalarProjectionHead(48, 256, norm="batch")
+    ref.load_state_dict(
+        {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith("projection_heads.old-tiny-1.")}
+    )
+    torch.testing.assert_close(ens.projection_heads["tiny-1"](h), ref.eval()(h))
+
+
+def test_mismatched_weights_raise(tiny_ensemble, tmp_path):
+    state = _seed_state(tiny_ensemble, ["tiny-0", "tiny-1", "other"])
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match=r"no heads for members \['tiny-2'\].*not in this ensemble \['other'\]"):
+        MultiModelWithScalarHeads.from_pretrained(base_models=tiny_ensemble.infos, weights_path=tmp_path / "w.pt")
+    state = _seed_state(tiny_ensemble, ["tiny-0", "tiny-2", "tiny-1"])  # 48-wide head saved for a 32-wide member
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(
+        WeightsError, match=r"projection_heads.tiny-1.non_linear_projection.0.weight: shape \(256, 32\)"
+    ):
+        MultiModelWithScalarHeads.from_pretrained(base_models=tiny_ensemble.infos, weights_path=tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match="does not exist"):
+        MultiModelWithScalarHeads.from_pretrained(base_models=tiny_ensemble.infos, weights_path=tmp_path / "nope.pt")
+
+
+def test_tokenizer_mismatch_raises(tiny_infos, tmp_path):
+    from salm.testing import build_member, build_tokenizer
+
+    other_tok = build_tokenizer(vocab_size=280, corpus=["completely different text about cats and dogs"] * 30)
+    odd = build_member(tmp_path / "odd", other_tok, seed=9)
+    infos = [tiny_infos[0], ModelInfo("odd", "odd", str(odd))]
+    with pytest.raises(MemberError, match=r"tokenizer mismatch between members 'tiny-0' and 'odd': token"):
+        MultiModelWithScalarHeads(infos, device="cpu")
+
+
+def test_member_errors(tiny_infos, tmp_path):
+    with pytest.raises(MemberError, match="unknown member id 'nope'"):
+        select_models(["nope"])
+    assert [m.id for m in select_models(["quen-25-15b-med"])] == ["qwen-25-15b-med"]
+    with pytest.raises(MemberError, match=r"member 'gone': local path .*missing is not a readable folder"):
+        MultiModelWithScalarHeads([tiny_infos[0], ModelInfo("gone", "gone", str(tmp_path / "missing"))], device="cpu")
+    with pytest.raises(MemberError, match="at least 2 members"):
+        MultiModelWithScalarHeads([tiny_infos[0]], device="cpu")
+
+
+def test_member_set_file_relative_paths(tiny_infos, tmp_path):
+    import shutil
+
+    for info in tiny_infos[:2]:
+        shutil.copytree(info.path, tmp_path / info.id)
+    (tmp_path / "members.yaml").write_text(
+        "members:\n  - id: a\n    path: tiny-0\n    task: general\n  - id: b\n    path: ./tiny-1\n"
+    )
+    infos = load_member_set(tmp_path / "members.yaml")
+    assert [m.path for m in infos] == [str((tmp_path / "tiny-0").resolve()), str((tmp_path / "tiny-1").resolve())]
+    ens = MultiModelWithScalarHeads(tmp_path / "members.yaml", device="cpu")
+    assert ens.model_ids == ["a", "b"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "a", "path": "x", "colour": "red"}]))
+    with pytest.raises(MemberError, match=r"bad.json: member 'a' has unknown fields \['colour'\]"):
+        load_member_set(tmp_path / "bad.json")
