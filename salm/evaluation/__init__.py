@@ -1,0 +1,1 @@
+"""Evaluation helpers: answer extraction/scoring (``scoring``) and accuracy statistics (``stats``)."""
