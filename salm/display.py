@@ -30,7 +30,10 @@ def legend(model_ids: Sequence[str], colour: bool) -> str:
 
 
 def print_decisions(
-    decisions: Iterable[TokenDecision], model_ids: Sequence[str], stream: TextIO = sys.stdout, colour: bool | None = None
+    decisions: Iterable[TokenDecision],
+    model_ids: Sequence[str],
+    stream: TextIO = sys.stdout,
+    colour: bool | None = None,
 ) -> None:
     """Print tokens as they come, coloured by the member that emitted each (plain text when piped)."""
     colour = use_colour(stream) if colour is None else colour
