@@ -1,0 +1,116 @@
+"""The ``salm`` command: parses flags and hands them to the step modules. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# command -> (module, help); each module defines add_arguments(parser) and run(args) -> int | None
+COMMANDS = {
+    "train": ("salm.training", "train the routing heads on frozen members"),
+    "evaluate": ("salm.evaluation.runner", "evaluate the ensemble against each member"),
+    "generate": ("salm.cli", "generate a routed answer, tokens coloured by member"),
+    "quickstart": ("salm.quickstart.run", "the whole pipeline offline on the small embedded default"),
+}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every command that loads members shares."""
+    g = parser.add_argument_group("members")
+    g.add_argument("--models", default=None, help="member-set file (YAML/JSON); default: the Qwen2.5-1.5B trio")
+    g.add_argument("--device", default=None, help="cuda, cpu or mps (default: best available)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="members' dtype")
+    g.add_argument("--trust_remote_code", action="store_true", help="allow members' custom code (off by default)")
+
+
+def parse_dtype(name: str | None):
+    import torch
+
+    return getattr(torch, name) if name else None
+
+
+def load_ensemble(args: argparse.Namespace, weights: str | None = None, **kwargs):
+    """The ensemble the flags describe: fresh heads, or trained heads from ``weights``."""
+    from salm.ensemble import MultiModelWithScalarHeads
+
+    common = dict(device=args.device, dtype=parse_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
+    if weights:
+        return MultiModelWithScalarHeads.from_pretrained(weights_path=weights, base_models=args.models, **common)
+    return MultiModelWithScalarHeads(args.models, **common, **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``salm generate``."""
+    parser.add_argument("prompt", nargs="+", help="the question or prompt text")
+    add_model_arguments(parser)
+    parser.add_argument("--weights", "--weights_path", dest="weights", default=None, help="trained heads")
+    parser.add_argument("--max_new_tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--routing", default="argmax", help="argmax | mixture | threshold:<p> | member:<id>")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--raw", action="store_true", help="send the prompt as is (default: the Question/Answer template)"
+    )
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from salm.data import build_prompt
+    from salm.display import legend, print_decisions, use_colour
+
+    model = load_ensemble(args, args.weights)
+    text = " ".join(args.prompt)
+    prompt = text if args.raw else build_prompt(text)
+    colour = use_colour(sys.stdout)
+    print(legend(model.model_ids, colour), file=sys.stderr)
+    tokens = model.stream(
+        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop,
+    )  # fmt: skip
+    print_decisions(tokens, model.model_ids, sys.stdout, colour)
+    return 0
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's module is imported (``salm --help`` stays instant)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    parser = argparse.ArgumentParser(prog="salm", description="Token-routed ensembles of frozen language models")
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _version() -> str:
+    from salm import __version__
+
+    return f"salm {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from salm.ensemble import WeightsError
+    from salm.generation import GenerationError
+    from salm.members import MemberError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (MemberError, WeightsError, GenerationError) as e:
+        print(f"salm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

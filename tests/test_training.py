@@ -1,0 +1,338 @@
+"""Training: tokenization, the feature cache, cache = no-cache, exact resume, the CLI, and that heads learn."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from salm import features, training
+from salm.data import DataFormatError, Example
+from salm.ensemble import MultiModelWithScalarHeads
+from salm.features import FeatureCacheError, TokenizationError, load_or_build, tokenize_examples
+from salm.training import TrainConfig, TrainingError, train
+
+REPO = Path(__file__).resolve().parents[1]
+HEAD_DIM = 32
+
+MATH = [
+    {
+        "question": f"What is {a} plus {b}?",
+        "answer": f"Reasoning: {a} + {b} = {a + b}.\nTherefore, the answer is: {a + b}",
+    }
+    for a in range(3, 7)
+    for b in range(2, 5)
+]  # 12 rows
+YESNO = [
+    {"question": f"Is {n} larger than {k}?", "answer": f"Therefore, the answer is: {'yes' if n > k else 'no'}"}
+    for n, k in [(1, 2), (5, 3), (7, 7), (9, 4), (2, 8), (6, 1), (3, 3), (8, 2), (4, 9), (10, 5), (0, 1), (12, 6)]
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls on a busy 2-core machine run far faster on one thread (no OpenMP spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    """Two data files and three tiny members, of which ``tiny-0`` was briefly trained on the data (the best)."""
+    from transformers import AutoModelForCausalLM
+
+    from salm.testing import build_tiny_members
+
+    root = tmp_path_factory.mktemp("train")
+    files = []
+    for name, rows in (("math", MATH), ("yesno", YESNO)):
+        f = root / f"{name}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files.append(str(f))
+    infos = build_tiny_members(root / "members", 3, tokenizer=tiny_tokenizer, hidden_sizes=[32, 32, 48])
+    texts = [f"Question: {r['question']}\nAnswer:\n{r['answer']}<|endoftext|>" for r in MATH + YESNO]
+    enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    lm = AutoModelForCausalLM.from_pretrained(infos[0].path)
+    opt = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = lm(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.save_pretrained(infos[0].path)
+    ens = MultiModelWithScalarHeads(infos, head_hidden_dim=HEAD_DIM, device="cpu")
+    return types.SimpleNamespace(root=root, files=files, infos=infos, ens=ens, tok=tiny_tokenizer)
+
+
+def fresh(setup) -> MultiModelWithScalarHeads:
+    """New heads over the already loaded members."""
+    e = setup.ens
+    return MultiModelWithScalarHeads(e.infos, HEAD_DIM, device="cpu", members=e.members, tokenizer=e.tokenizer)
+
+
+def config(setup, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        datasets=setup.files, output_dir=str(out), num_epochs=2, batch_size=4, head_hidden_dim=HEAD_DIM,
+        val_fraction=0.25, log_every_n_steps=2, warmup_steps=2, learning_rate=1e-3, plots=False, progress=False,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def heads(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- tokenization
+def test_answer_labels_are_exactly_answer_tokens_and_eos(tiny_tokenizer):
+    ex = Example("d/0", "d", "What is 2 plus 3?", "Reasoning: 2 + 3 = 5.\nTherefore, the answer is: 5")
+    p = tiny_tokenizer(ex.prompt)["input_ids"]
+    a = tiny_tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+    eos = tiny_tokenizer.eos_token_id
+    s = tokenize_examples([ex], tiny_tokenizer, 256, "answer", "train")
+    assert s.input_ids[0] == p + a + [eos]
+    assert s.labels[0] == [-100] * len(p) + a + [eos]
+    assert s.n_positions == [len(a) + 1]
+    s_all = tokenize_examples([ex], tiny_tokenizer, 256, "all", "train")
+    assert s_all.labels[0] == p + a + [eos]
+    cut = tokenize_examples([ex], tiny_tokenizer, len(p) + 2, "answer", "train")
+    assert cut.labels[0] == [-100] * len(p) + a[:2]
+
+
+def test_examples_without_answer_tokens_are_dropped_and_empty_is_an_error(tiny_tokenizer):
+    short = Example("d/0", "short", "Hi?", "yes")
+    long = Example("d/1", "long", "word " * 40, "no")
+    n_prompt = len(tiny_tokenizer(long.prompt)["input_ids"])
+    s = tokenize_examples([short, long], tiny_tokenizer, n_prompt, "answer", "train")
+    assert s.datasets == ["short"] and s.dropped == {"long": 1}
+    with pytest.raises(TokenizationError, match="max_length"):
+        tokenize_examples([long], tiny_tokenizer, n_prompt, "answer", "val")
+    with pytest.raises(TokenizationError, match="empty"):
+        tokenize_examples([], tiny_tokenizer, 64, "answer", "val")
+
+
+def test_unusable_data_is_a_clear_error(setup, tmp_path):
+    with pytest.raises(TokenizationError, match="raise --max_length"):
+        train(config(setup, tmp_path, max_length=4), model=fresh(setup))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataFormatError, match="no rows"):
+        train(config(setup, tmp_path, datasets=[str(empty)]), model=fresh(setup))
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+def _split(setup, rows=MATH, max_length=64, name="train"):
+    exs = [Example(f"m/{i}", "math", r["question"], r["answer"]) for i, r in enumerate(rows)]
+    return tokenize_examples(exs, setup.tok, max_length, "answer", name)
+
+
+def test_cache_reused_only_when_nothing_changes(setup, tmp_path, monkeypatch):
+    kw = dict(max_length=64, loss_on="answer", progress=False)
+    first = load_or_build(setup.ens, _split(setup), tmp_path, **kw)
+    assert not first.reused
+    calls = []
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = load_or_build(setup.ens, _split(setup), tmp_path, **kw)
+    assert again.reused and again.key == first.key and calls == []
+    shorter = load_or_build(setup.ens, _split(setup, max_length=40), tmp_path, **{**kw, "max_length": 40})
+    other_data = load_or_build(setup.ens, _split(setup, rows=MATH[:-1]), tmp_path, **kw)
+    assert len(calls) == 2 and len({first.key, shorter.key, other_data.key}) == 3
+    # A folder without its manifest (a crash before the end) is never trusted: rebuilt.
+    (first.path / "manifest.json").unlink()
+    rebuilt = load_or_build(setup.ens, _split(setup), tmp_path, **kw)
+    assert not rebuilt.reused and len(calls) == 3 and (rebuilt.path / "manifest.json").is_file()
+    # A truncated data file is caught by the size check.
+    with (rebuilt.path / "gold.bin").open("r+b") as f:
+        f.truncate(8)
+    assert not load_or_build(setup.ens, _split(setup), tmp_path, **kw).reused
+
+
+def test_cached_features_equal_member_features(setup, tmp_path):
+    """The cache stores exactly what the members compute (fp32 here; bf16 bits for bf16 members)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        ens = MultiModelWithScalarHeads(setup.infos, HEAD_DIM, device="cpu", dtype=dtype)
+        split = _split(setup, rows=MATH[:5])
+        cached = load_or_build(ens, split, tmp_path / str(dtype), max_length=64, loss_on="answer", progress=False)
+        idx = [3, 0, 4]
+        hid, gold = cached.batch(idx)
+        live_hid, live_gold = features.compute_features(ens, *features.collate(split, idx, setup.tok.pad_token_id))
+        for h, lh in zip(hid, live_hid):
+            assert h.dtype == dtype
+            torch.testing.assert_close(h, lh, rtol=0, atol=1e-5 if dtype == torch.float32 else 0.02)
+        torch.testing.assert_close(gold, live_gold, rtol=1e-4, atol=1e-4)
+        assert gold.shape == (sum(split.n_positions[i] for i in idx), 3)
+
+
+def test_short_disk_fails_naming_folder_and_bytes(setup, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda p: usage(1000, 990, 10))
+    with pytest.raises(FeatureCacheError) as e:
+        load_or_build(setup.ens, _split(setup), tmp_path / "c", max_length=64, loss_on="answer", progress=False)
+    msg = str(e.value)
+    assert str(tmp_path / "c") in msg and "needs" in msg and "10 bytes" in msg and "free" in msg
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_cache_and_no_cache_give_the_same_losses(setup, tmp_path):
+    a = train(config(setup, tmp_path / "cache"), model=fresh(setup))
+    b = train(config(setup, tmp_path / "live", feature_cache=False), model=fresh(setup))
+    ra, rb = records(tmp_path / "cache"), records(tmp_path / "live")
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) > 4
+    for x, y in zip(ra, rb):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+    for k, v in a.model.state_dict().items():
+        torch.testing.assert_close(v, b.model.state_dict()[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_ends_with_the_same_heads(setup, tmp_path, monkeypatch):
+    full = train(config(setup, tmp_path / "full", num_epochs=3), model=fresh(setup))
+    want = heads(full.model)
+
+    # Stopped after epoch 1 (as a kill would), then resumed to 3.
+    out = tmp_path / "stopped"
+    train(config(setup, out, num_epochs=3), model=fresh(setup), stop_after_epoch=1)
+    assert not (out / "final_model").exists()
+    res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup))
+    assert all(torch.equal(v, want[k]) for k, v in res.model.state_dict().items())
+    assert records(out) == records(tmp_path / "full")
+
+    # A crash in the middle of epoch 2, after a metrics line past the checkpoint was written.
+    out = tmp_path / "crashed"
+    real, n = training.perfect_alignment_loss, [0]
+
+    def boom(*a, **k):
+        n[0] += 1
+        if n[0] == 10:
+            raise RuntimeError("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "perfect_alignment_loss", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(config(setup, out, num_epochs=3), model=fresh(setup))
+    monkeypatch.setattr(training, "perfect_alignment_loss", real)
+    ck = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and max(r["step"] for r in records(out)) > ck["global_step"]
+    res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup))
+    assert all(torch.equal(v, want[k]) for k, v in res.model.state_dict().items())
+    steps = [(r["step"], "val/nll" in r) for r in records(out)]
+    assert len(steps) == len(set(steps)) and records(out) == records(tmp_path / "full")
+
+
+def test_resume_refuses_changed_settings(setup, tmp_path):
+    train(config(setup, tmp_path, num_epochs=2), model=fresh(setup), stop_after_epoch=1)
+    with pytest.raises(TrainingError, match="learning_rate"):
+        train(config(setup, tmp_path, num_epochs=2, learning_rate=5e-3, resume=True), model=fresh(setup))
+
+
+def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
+    res = train(
+        config(setup, tmp_path, num_epochs=4, learning_rate=3e-3, warmup_steps=0, plots=True), model=fresh(setup)
+    )
+    assert res.best_val_nll < res.initial_val_nll - 0.3
+    report = json.loads((tmp_path / "train_report.json").read_text())
+    share = report["routing_share_val"]["best"]
+    assert set(share) == {"math", "yesno"}
+    assert all(max(row, key=row.get) == "tiny-0" for row in share.values())
+    assert report["data"]["tokenized"]["train"]["per_dataset"] == {"math": 9, "yesno": 9}
+    assert report["metrics"]["best_val"]["val/nll"] == pytest.approx(res.best_val_nll)
+    for f in ("loss_curves.png", "routing_share.png", "best_model_heads.pt", "final_model/heads.safetensors"):
+        assert (tmp_path / f).is_file(), f
+    loaded = MultiModelWithScalarHeads.from_pretrained(
+        tmp_path / "best_model", base_models=setup.infos, device="cpu"
+    ).state_dict()
+    seed_file = torch.load(tmp_path / "best_model_heads.pt", weights_only=True)
+    assert all(torch.equal(loaded[k], seed_file[k]) for k in loaded)
+
+
+def test_wandb_gets_the_seed_metric_names(setup, tmp_path, monkeypatch):
+    logged = []
+    fake = types.SimpleNamespace(
+        init=lambda **k: types.SimpleNamespace(id="run1"),
+        log=lambda d, step: logged.append((step, d)),
+        finish=lambda: None,
+    )
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train(config(setup, tmp_path, num_epochs=1, report_to="wandb"), model=fresh(setup))
+    keys = set().union(*(d for _, d in logged))
+    for k in ("train/loss", "train/perplexity", "train/learning_rate", "train/nll", "train/entropy",
+              "train/model_activation_percent/tiny-0", "train/model_prob_mean/tiny-2", "val/loss", "val/perplexity",
+              "val/model_activation_percent/tiny-1"):  # fmt: skip
+        assert k in keys, k
+    train_rec = next(d for _, d in logged if "train/nll" in d)
+    assert train_rec["train/perplexity"] == pytest.approx(torch.tensor(train_rec["train/nll"]).exp().item())
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(TrainingError, match="pip install wandb"):
+        train(config(setup, tmp_path / "x", report_to="wandb"), model=fresh(setup))
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(TrainingError, match="pip install tensorboard"):
+        train(config(setup, tmp_path / "y", report_to="tensorboard"), model=fresh(setup))
+
+
+def test_cli_matches_the_seed_command(setup, tmp_path):
+    members = tmp_path / "members.yaml"
+    members.write_text("".join(f"- id: {m.id}\n  path: {m.path}\n" for m in setup.infos))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "src/train.py", "--datasets", *setup.files, "--models", str(members),
+           "--output_dir", str(out), "--num_epochs", "1", "--batch_size", "2", "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(out / "best_model_heads.pt", weights_only=True)
+    assert {k.split(".")[1] for k in state} == {"tiny-0", "tiny-1", "tiny-2"}
+    assert "projection_heads.tiny-0.non_linear_projection.0.weight" in state
+    assert state["projection_heads.tiny-0.non_linear_projection.0.weight"].shape == (256, 32)
+    assert any("val/nll" in r for r in records(out)) and any("train/loss" in r for r in records(out))
+    assert (out / "best_model" / "heads.safetensors").is_file() and (out / "loss_curves.png").is_file()
+    torch.load(out / "checkpoint_last.pt", weights_only=True)
+
+
+def test_cli_errors_are_one_line_and_exit_2(setup, tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    training.add_arguments(parser)
+    args = parser.parse_args(["--datasets", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path)])
+    assert training.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("salm train: error:") and "missing.jsonl" in err
+
+
+def test_two_processes_shard_extraction_and_train_with_ddp(setup, tmp_path):
+    """``torchrun`` with 2 CPU processes (gloo): each extracts half the examples into the same cache files,
+    which must equal a one-process extraction byte for byte; steps per epoch halve; rank 0 writes outputs."""
+    members = tmp_path / "members.yaml"
+    members.write_text("".join(f"- id: {m.id}\n  path: {m.path}\n" for m in setup.infos))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "src/train.py",
+           "--datasets", *setup.files, "--models", str(members), "--output_dir", str(out), "--num_epochs", "1",
+           "--batch_size", "2", "--val_fraction", "0.25", "--device", "cpu", "--no_plots"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["steps"]["processes"] == 2 and report["steps"]["per_epoch"] == 5  # ceil(18 / (2 * 2))
+    train(config(setup, tmp_path / "one", num_epochs=1, batch_size=2), model=fresh(setup))
+    (ddp_cache,) = (out / "feature_cache").glob("train-*")
+    one_cache = tmp_path / "one" / "feature_cache" / ddp_cache.name
+    for f in ("gold.bin", "hidden_0.bin", "hidden_2.bin", "offsets.bin"):
+        assert (ddp_cache / f).read_bytes() == (one_cache / f).read_bytes(), f
