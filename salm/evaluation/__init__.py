@@ -1,1 +1,3 @@
-"""Evaluation helpers: answer extraction/scoring (``scoring``) and accuracy statistics (``stats``)."""
+"""Evaluation: tasks as data (``tasks``), answer extraction (``scoring``), Wilson intervals (``stats``),
+the runner comparing the ensemble with each member (``runner``), routing and teacher-forced oracle analysis
+(``analysis``) and the written reports (``reports``). Submodules import lazily: scoring needs no torch."""

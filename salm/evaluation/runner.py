@@ -1,0 +1,697 @@
+"""``salm evaluate``: the ensemble against each of its members on the same prompts, with the same decoding.
+
+Fairness is structural: every member is evaluated as the ensemble itself with ``routing="member:<id>"``,
+so prompts, batching, stopping rules, seeds and answer extraction are shared code, not parallel copies.
+
+Per dataset the runner writes ``results.json`` (accuracy with Wilson intervals per model, detection
+rate, log-likelihood multiple choice, decision patterns, teacher-forced NLLs, settings) and
+``predictions.jsonl``; for the whole run ``evaluation_summary.json``, ``report.md``, plots and (with
+``--save_examples``) ``examples.html``. :func:`evaluate` is the same without argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from salm.data import DATASETS, DataFormatError, DatasetUnavailableError, Example, load_examples
+from salm.evaluation.analysis import (
+    decision_patterns,
+    kept_decisions,
+    score_continuations,
+    teacher_forced_metrics,
+)
+from salm.evaluation.stats import accuracy_summary, improvement_over_best
+from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, generic_task
+from salm.io import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+ENSEMBLE = "ensemble"
+CHOICE_MODES = ("generative", "loglik", "both")
+SUMMARY_NAME = "evaluation_summary.json"
+
+__all__ = [
+    "CHOICE_MODES",
+    "ENSEMBLE",
+    "EvalSettings",
+    "add_arguments",
+    "evaluate",
+    "evaluate_task",
+    "fit_prompts",
+    "load_task_examples",
+    "prepare_tasks",
+    "run",
+    "sample_examples",
+    "unavailable_message",
+]
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides the numbers; written into every results file.
+
+    ``sample_size=None`` (or 0) evaluates every example. ``choice_mode`` applies to tasks with
+    log-likelihood variants (MedQA). ``weights`` is only recorded (None = untrained heads).
+    """
+
+    sample_size: int | None = 50
+    random_seed: int = 42
+    max_new_tokens: int = 512
+    temperature: float = 0.3
+    top_p: float = 1.0
+    top_k: int = 0
+    routing: str = "argmax"
+    batch_size: int = 8
+    only_ensemble: bool = False
+    choice_mode: str = "both"
+    teacher_forced: bool = True
+    save_examples: bool = False
+    num_examples: int = 5
+    plots: bool = True
+    split: str | None = None
+    weights: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        problems = []
+        if self.sample_size is not None and self.sample_size < 0:
+            problems.append(f"sample_size must be >= 0 (0 = all), got {self.sample_size}")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.choice_mode not in CHOICE_MODES:
+            problems.append(f"choice mode must be one of {', '.join(CHOICE_MODES)}, got {self.choice_mode!r}")
+        if self.num_examples < 0:
+            problems.append(f"num_examples must be >= 0, got {self.num_examples}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["heads"] = "trained" if self.weights else "untrained (random initialisation)"
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+def unavailable_message(task: Task, split: str | None = None) -> str:
+    """The one-line way out when a dataset cannot be reached: the exact ``--data`` flag to pass."""
+    spec = DATASETS.get(task.source or "")
+    split = split or task.split or (spec.default_split if spec else None)
+    relpath = (spec.local_relpaths.get(split or "") if spec else None) or f"{task.name}/{split or 'test'}.jsonl"
+    if task.source is None:
+        return f"{task.name}: the task has no default source; pass --data {task.name}=/path/to/{relpath}"
+    return f"{task.name}: the hub is unreachable; pass --data {task.name}=/path/to/{relpath}"
+
+
+def load_task_examples(task: Task, split: str | None = None) -> list[Example]:
+    """All examples of ``task``'s source (a local file, a known name or a hub id)."""
+    if task.source is None:
+        raise DatasetUnavailableError(unavailable_message(task, split))
+    is_file = Path(task.source).expanduser().is_file()
+    return load_examples(task.source, split=split if is_file else (split or task.split), name=task.name)
+
+
+def sample_examples(examples: Sequence[Example], k: int | None, seed: int) -> list[Example]:
+    """``k`` examples drawn with ``seed`` (kept in dataset order); every model then sees the same ones."""
+    if not k or k >= len(examples):
+        return list(examples)
+    idx = sorted(random.Random(seed).sample(range(len(examples)), k))
+    return [examples[i] for i in idx]
+
+
+def _scorable(task: Task, examples: Sequence[Example]) -> list[Example]:
+    """Drop examples whose gold answer the scorer cannot read (a bad row must not count as a wrong answer)."""
+    if task.scorer is None:
+        return list(examples)
+    keep, dropped = [], []
+    for ex in examples:
+        try:
+            task.scorer("", ex)
+        except (ValueError, KeyError) as e:
+            dropped.append(f"{ex.id}: {e}")
+            continue
+        keep.append(ex)
+    if dropped:
+        logger.warning(
+            "%s: %d examples without a usable gold answer were left out (first: %s)",
+            task.name,
+            len(dropped),
+            dropped[0],
+        )
+    return keep
+
+
+TaskSpec = str | Task | tuple[str | Task, Sequence[Example]]
+
+
+def prepare_tasks(
+    tasks: Sequence[TaskSpec],
+    settings: EvalSettings,
+    data: Mapping[str, str] | None = None,
+) -> tuple[list[tuple[Task, list[Example]]], dict[str, str]]:
+    """Resolve task names, apply ``data`` (name -> local file) and ``settings.split``, load and sample.
+
+    Returns (tasks with their sampled examples, {task name: why it was skipped}). A dataset that cannot
+    be loaded is skipped with a message naming the flag that fixes it; the others still run.
+    """
+    data = dict(data or {})
+    runs: list[tuple[Task, list[Example]]] = []
+    skipped: dict[str, str] = {}
+    for spec in tasks:
+        given: Sequence[Example] | None = None
+        if isinstance(spec, tuple):
+            spec, given = spec
+        if isinstance(spec, Task):
+            task = spec
+        elif spec in TASKS:
+            task = TASKS.get(spec)
+        elif spec in data:
+            task = generic_task(spec)
+        else:
+            raise KeyError(
+                f"unknown dataset {spec!r}: registered tasks are {', '.join(TASKS.names())}; "
+                f"pass --data {spec}=/path/to/file.jsonl to evaluate a new one"
+            )
+        if task.name in data:
+            task = task.with_source(data[task.name])
+        if given is None:
+            try:
+                examples = load_task_examples(task, settings.split)
+            except DatasetUnavailableError as e:
+                logger.debug("%s: %s", task.name, e)
+                skipped[task.name] = unavailable_message(task, settings.split)
+                continue
+            except (FileNotFoundError, IsADirectoryError, DataFormatError) as e:
+                skipped[task.name] = f"{task.name}: could not read {task.source}: {e}"
+                continue
+        else:
+            examples = list(given)
+        examples = sample_examples(_scorable(task, examples), settings.sample_size, settings.random_seed)
+        if not examples:
+            skipped[task.name] = f"{task.name}: no usable examples"
+            continue
+        runs.append((task, examples))
+    return runs, skipped
+
+
+def fit_prompts(
+    tokenizer: Any, prompts: Sequence[str], context_length: int | None, max_new_tokens: int
+) -> tuple[list[str], int]:
+    """Cut prompts from the left so they leave room to answer inside the smallest member's context.
+
+    Every model gets the same (cut) prompt, so the comparison stays fair; how many were cut is reported.
+    At least half the context stays for the prompt when ``max_new_tokens`` is larger than that.
+    """
+    if context_length is None:
+        return list(prompts), 0
+    budget = context_length - min(max_new_tokens, context_length // 2) - 1
+    out, cut = [], 0
+    for p in prompts:
+        ids = tokenizer(p)["input_ids"]
+        if len(ids) > budget:
+            p = tokenizer.decode(ids[-budget:], skip_special_tokens=True)
+            cut += 1
+        out.append(p)
+    return out, cut
+
+
+# ----------------------------------------------------------------------------------------------------
+# One task
+# ----------------------------------------------------------------------------------------------------
+
+
+def _model_names(model: Any, settings: EvalSettings) -> list[str]:
+    names = [ENSEMBLE] + ([] if settings.only_ensemble else list(model.model_ids))
+    if ENSEMBLE in model.model_ids:
+        raise ValueError(f"a member may not be called {ENSEMBLE!r}: that name is the ensemble's in every report")
+    return names
+
+
+def _routing(name: str, settings: EvalSettings) -> str:
+    return settings.routing if name == ENSEMBLE else f"member:{name}"
+
+
+def _generative_summary(task: Task, scores: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> dict[str, Any]:
+    summary = accuracy_summary(s["correct"] for s in scores)
+    n = len(scores)
+    summary["detection_rate"] = sum(s.get("answer") is not None for s in scores) / n if n else 0.0
+    summary["metrics"] = {
+        name: accuracy_summary(bool(s.get(key)) for s in scores) for name, key in task.metrics.items()
+    }
+    summary["mean_generated_tokens"] = sum(len(o.token_ids) for o in outputs) / n if n else 0.0
+    reasons: dict[str, int] = {}
+    for o in outputs:
+        reasons[o.stop_reason] = reasons.get(o.stop_reason, 0) + 1
+    summary["stop_reasons"] = reasons
+    return summary
+
+
+def _run_generative(
+    model: Any, task: Task, examples: list[Example], prompts: list[str], names: list[str], settings: EvalSettings
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Generate with every model on the same prompts; (per-model summaries, prediction rows, decision
+    patterns of the ensemble, HTML items)."""
+    summaries: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    ensemble_members: list[list[str]] = []
+    html: list[dict[str, Any]] = []
+    for name in names:
+        logger.info("%s: generating with %s (%d prompts)", task.name, name, len(prompts))
+        outputs = model.generate(
+            prompts,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            routing=_routing(name, settings),
+            stop=list(task.stop),
+            seed=settings.random_seed,
+            batch_size=settings.batch_size,
+            truncate="left",
+            return_outputs=True,
+            progress=settings.progress,
+        )
+        scores = []
+        for i, (ex, out) in enumerate(zip(examples, outputs)):
+            score = dict(task.scorer(out.text, ex))
+            scores.append(score)
+            kept = kept_decisions(out, model.tokenizer)
+            per_member = {m: 0 for m in model.model_ids}
+            for d in kept:
+                per_member[d.member] = per_member.get(d.member, 0) + 1
+            rows.append(
+                {
+                    "id": ex.id,
+                    "model": name,
+                    "mode": "generative",
+                    "output": out.text,
+                    **score,
+                    "stop_reason": out.stop_reason,
+                    "tokens": len(out.token_ids),
+                    "tokens_per_member": per_member,
+                }
+            )
+            if name == ENSEMBLE:
+                ensemble_members.append([d.member for d in kept])
+                if settings.save_examples and i < settings.num_examples:
+                    html.append(
+                        {
+                            "dataset": task.name,
+                            "id": ex.id,
+                            "question": ex.question,
+                            "gold": score.get("gold"),
+                            "answer": score.get("answer"),
+                            "correct": score["correct"],
+                            "tokens": [(d.token, d.member, d.routing_probs) for d in kept],
+                        }
+                    )
+        summaries[name] = _generative_summary(task, scores, outputs)
+        logger.info("%s: %s accuracy %.3f", task.name, name, summaries[name]["accuracy"])
+    patterns = decision_patterns(ensemble_members, model.model_ids) if ensemble_members else {}
+    return summaries, rows, patterns, html
+
+
+def _run_loglik(
+    model: Any, task: Task, examples: list[Example], names: list[str], settings: EvalSettings
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Pick the option whose continuation is most likely (lm-eval multiple choice), per variant.
+
+    One teacher-forced pass over the ensemble gives every member's log-probs too; the ensemble's score is
+    the router-weighted mixture's (``log sum_m pi_m p_m`` per token). ``acc_norm`` divides by the
+    continuation's length in bytes, as lm-eval does.
+    """
+    results: dict[str, dict[str, Any]] = {name: {} for name in names}
+    rows: list[dict[str, Any]] = []
+    for variant, build in task.loglik.items():
+        pairs: list[tuple[str, str]] = []
+        owners: list[tuple[int, str, int]] = []
+        for i, ex in enumerate(examples):
+            for label, continuation in build(ex):
+                pairs.append((task.prompt(ex), continuation))
+                owners.append((i, label, max(len(continuation.encode("utf-8")), 1)))
+        if not pairs:
+            continue
+        scores = score_continuations(
+            model, pairs, settings.batch_size, settings.progress, f"{task.name} loglik/{variant}"
+        )
+        for name in names:
+            ll = scores.mixture if name == ENSEMBLE else scores.member[:, model.model_ids.index(name)]
+            per_example: dict[int, list[tuple[str, float, int]]] = {}
+            for (i, label, nbytes), value in zip(owners, ll.tolist()):
+                per_example.setdefault(i, []).append((label, value, nbytes))
+            correct, correct_norm = [], []
+            for i, ex in enumerate(examples):
+                options = per_example.get(i, [])
+                gold = str(ex.label).strip().upper()
+                # An example without options cannot be answered this way: it counts as wrong, never skipped.
+                pick = max(options, key=lambda o: o[1])[0] if options else None
+                pick_norm = max(options, key=lambda o: o[1] / o[2])[0] if options else None
+                correct.append(pick == gold)
+                correct_norm.append(pick_norm == gold)
+                rows.append(
+                    {
+                        "id": ex.id,
+                        "model": name,
+                        "mode": "loglik",
+                        "variant": variant,
+                        "answer": pick,
+                        "answer_norm": pick_norm,
+                        "gold": gold,
+                        "correct": pick == gold,
+                        "correct_norm": pick_norm == gold,
+                        "logprobs": {label: value for label, value, _ in options},
+                    }
+                )
+            results[name][variant] = {"acc": accuracy_summary(correct), "acc_norm": accuracy_summary(correct_norm)}
+    return results, rows
+
+
+def _majority_baseline(examples: Sequence[Example]) -> float | None:
+    labels = [str(ex.label).strip().lower() for ex in examples if ex.label is not None]
+    if not labels:
+        return None
+    return max(labels.count(v) for v in set(labels)) / len(labels)
+
+
+def evaluate_task(
+    model: Any, task: Task, examples: list[Example], settings: EvalSettings, out_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate one task; writes ``results.json`` and ``predictions.jsonl`` into ``out_dir``.
+
+    Returns (the results dict, HTML items for the examples page).
+    """
+    t0 = time.perf_counter()
+    names = _model_names(model, settings)
+    raw_prompts = [task.prompt(ex) for ex in examples]
+    prompts, n_cut = fit_prompts(model.tokenizer, raw_prompts, model.context_length, settings.max_new_tokens)
+    if n_cut:
+        logger.warning(
+            "%s: %d of %d prompts were cut from the left to fit the smallest member's context (%s tokens)",
+            task.name,
+            n_cut,
+            len(prompts),
+            model.context_length,
+        )
+    # Log-likelihood needs options (a formatted MedQA copy may have none): otherwise fall back to generation.
+    has_choices = any(build(ex) for build in task.loglik.values() for ex in examples)
+    do_loglik = has_choices and settings.choice_mode != "generative"
+    do_gen = task.generative and (settings.choice_mode != "loglik" or not do_loglik)
+    models: dict[str, dict[str, Any]] = {name: {} for name in names}
+    predictions: list[dict[str, Any]] = []
+    patterns: dict[str, Any] = {}
+    html: list[dict[str, Any]] = []
+    improvement: dict[str, Any] = {}
+
+    if do_gen:
+        gen, rows, patterns, html = _run_generative(model, task, examples, prompts, names, settings)
+        predictions += rows
+        for name in names:
+            models[name]["generative"] = gen[name]
+        if len(names) > 1:
+            improvement["generative"] = improvement_over_best(
+                gen[ENSEMBLE]["accuracy"], {n: gen[n]["accuracy"] for n in names if n != ENSEMBLE}
+            )
+    if do_loglik:
+        ll, rows = _run_loglik(model, task, examples, names, settings)
+        predictions += rows
+        first = next(iter(task.loglik))
+        for name in names:
+            models[name]["loglik"] = ll[name]
+        if len(names) > 1 and ll[ENSEMBLE]:
+            improvement["loglik"] = improvement_over_best(
+                ll[ENSEMBLE][first]["acc"]["accuracy"],
+                {n: ll[n][first]["acc"]["accuracy"] for n in names if n != ENSEMBLE},
+            )
+    # Headline numbers per model: generative when run, else the first loglik variant's acc.
+    for entry in models.values():
+        if "generative" in entry:
+            head = entry["generative"]
+            entry.update({k: head[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct", "detection_rate")})
+            entry["primary"] = "generative"
+        elif entry.get("loglik"):
+            head = next(iter(entry["loglik"].values()))["acc"]
+            entry.update({k: head[k] for k in ("accuracy", "ci_low", "ci_high", "n", "correct")})
+            entry["detection_rate"] = 1.0  # a likelihood comparison always yields an answer
+            entry["primary"] = f"loglik/{next(iter(entry['loglik']))}"
+
+    teacher = None
+    if settings.teacher_forced:
+        teacher = teacher_forced_metrics(
+            model,
+            examples,
+            settings.batch_size,
+            prompt=task.prompt,
+            target=task.target,
+            progress=settings.progress,
+            desc=f"{task.name} teacher forcing",
+        )
+
+    result = {
+        "dataset": task.name,
+        "task": task.describe(),
+        "n": len(examples),
+        "example_ids": [ex.id for ex in examples],
+        "prompts_cut_to_context": n_cut,
+        "random_baseline": task.random_baseline,
+        "majority_baseline": _majority_baseline(examples),
+        "models": models,
+        "improvement_over_best": improvement,
+        "decision_patterns": patterns,
+        "teacher_forced": teacher,
+        "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(out_dir / "results.json", result)
+    atomic_write_text(
+        out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
+    )
+    return result, html
+
+
+# ----------------------------------------------------------------------------------------------------
+# A whole run
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Any,
+    tasks: Sequence[TaskSpec] = DEFAULT_TASKS,
+    output_dir: str | Path = "evaluation_results",
+    settings: EvalSettings | None = None,
+    data: Mapping[str, str] | None = None,
+    skipped: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (and, unless ``settings.only_ensemble``, each member) on ``tasks``.
+
+    ``tasks`` are registered names, :class:`Task` objects, or ``(task, examples)`` pairs for examples
+    already in hand (sampled with ``settings.sample_size`` like loaded ones). ``data`` maps task names to
+    local files. ``skipped`` adds datasets the caller already gave up on to the reports. Writes every
+    output file under ``output_dir`` and returns the summary (also ``evaluation_summary.json``).
+    """
+    from tqdm.auto import tqdm
+
+    from salm.evaluation import reports
+
+    settings = settings or EvalSettings()
+    settings.validate()
+    out = Path(output_dir)
+    runs, newly_skipped = prepare_tasks(tasks, settings, data)
+    skipped = {**dict(skipped or {}), **newly_skipped}
+    for message in newly_skipped.values():
+        logger.warning("skipped %s", message)
+    t0 = time.perf_counter()
+    datasets: dict[str, Any] = {}
+    html: list[dict[str, Any]] = []
+    for task, examples in tqdm(runs, desc="datasets", unit="dataset", disable=not settings.progress):
+        result, items = evaluate_task(model, task, examples, settings, out / task.name)
+        datasets[task.name] = result
+        html += items
+    summary: dict[str, Any] = {
+        "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "models": _model_names(model, settings),
+        "datasets": datasets,
+        "skipped": skipped,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "files": {
+            name: {"results": f"{name}/results.json", "predictions": f"{name}/predictions.jsonl"} for name in datasets
+        },
+    }
+    if datasets and settings.plots:
+        summary["plots"] = reports.write_plots(summary, out)
+    if settings.save_examples and html:
+        reports.write_examples_html(html, list(model.model_ids), out / "examples.html")
+        summary["examples_html"] = "examples.html"
+    summary["report"] = "report.md"
+    atomic_write_json(out / SUMMARY_NAME, summary)
+    atomic_write_text(out / "report.md", reports.render_report(summary))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``salm evaluate`` / ``python evaluate.py``: the seed's flags plus offline data and decoding options."""
+    from salm.cli import add_model_arguments
+
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["all"],
+        help=f"tasks to run: {', '.join(DEFAULT_TASKS)} or all (default), or a name given with --data",
+    )
+    parser.add_argument("--sample_size", type=int, default=50, help="examples per dataset (0 = all)")
+    parser.add_argument("--random_seed", type=int, default=42, help="seed for sampling examples and decoding")
+    parser.add_argument(
+        "--model_weights",
+        "--weights",
+        dest="model_weights",
+        default=None,
+        help="trained heads (saLM folder, .safetensors or the seed's .pt); without: untrained heads",
+    )
+    parser.add_argument("--only_ensemble", action="store_true", help="skip the members' own runs")
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.3, help="0 = greedy (for every model)")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--output_dir", default="evaluation_results")
+    parser.add_argument("--save_examples", action="store_true", help="write examples.html (tokens coloured by member)")
+    parser.add_argument("--num_examples", type=int, default=5, help="ensemble outputs per dataset on that page")
+    parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="2 examples per dataset, verbose logging")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="local data file for a dataset (repeatable); a new NAME adds a generic task",
+    )
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--routing", default="argmax", help="ensemble routing: argmax | mixture | threshold:<p>")
+    parser.add_argument(
+        "--medqa_mode",
+        choices=CHOICE_MODES,
+        default="both",
+        help="multiple choice by generation, by option log-likelihood, or both",
+    )
+    parser.add_argument("--split", default=None, help="dataset split (default: each task's evaluation split)")
+    parser.add_argument("--no_teacher_forced", action="store_true", help="skip NLL/oracle metrics on gold answers")
+    add_model_arguments(parser)
+
+
+def _parse_data(values: Sequence[str]) -> dict[str, str]:
+    data = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--data expects NAME=PATH, got {v!r}")
+        data[name.strip()] = path.strip()
+    return data
+
+
+def _dataset_names(requested: Sequence[str], data: Mapping[str, str]) -> list[str]:
+    """Expand ``all``; with the default ``all``, datasets given only through --data are added too."""
+    names: list[str] = []
+    for name in requested:
+        extra = list(DEFAULT_TASKS) + [n for n in data if n not in DEFAULT_TASKS] if name == "all" else [name]
+        names += [n for n in extra if n not in names]
+    for n in names:
+        if n not in TASKS and n not in data:
+            raise ValueError(
+                f"unknown dataset {n!r}: choose from {', '.join(TASKS.names())} or all, "
+                f"or pass --data {n}=/path/to/file.jsonl"
+            )
+    return names
+
+
+def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
+    for name, res in summary["datasets"].items():
+        print(f"{name} (n={res['n']}):")
+        for model_name, entry in res["models"].items():
+            if "accuracy" in entry:
+                print(
+                    f"  {model_name:<24} {entry['accuracy']:.3f}  [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
+                    f"  ({entry.get('primary')})"
+                )
+        tf = res.get("teacher_forced")
+        if tf and tf.get("tokens"):
+            share = tf["captured_share"]
+            print(
+                f"  NLL/token: ensemble {tf['ensemble_nll']:.3f}, best member {tf['best_member_nll']:.3f}, "
+                f"oracle {tf['oracle_nll']:.3f}; captured share "
+                f"{'n/a' if share is None else f'{share:.2f}'}"
+            )
+    for message in summary["skipped"].values():
+        print(f"skipped {message}")
+    print(f"results in {out_dir} (report.md, {SUMMARY_NAME})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from salm.cli import load_ensemble
+
+    if args.debug:
+        logging.getLogger().setLevel(logging.DEBUG)
+        logging.getLogger("salm").setLevel(logging.DEBUG)
+        args.sample_size = 2
+    try:
+        data = _parse_data(args.data)
+        names = _dataset_names(args.datasets, data)
+        settings = EvalSettings(
+            sample_size=args.sample_size or None,
+            random_seed=args.random_seed,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            routing=args.routing,
+            batch_size=args.batch_size,
+            only_ensemble=args.only_ensemble,
+            choice_mode=args.medqa_mode,
+            teacher_forced=not args.no_teacher_forced,
+            save_examples=args.save_examples,
+            num_examples=args.num_examples,
+            plots=not args.no_plots,
+            split=args.split,
+            weights=args.model_weights,
+        )
+        settings.validate()
+    except ValueError as e:
+        print(f"salm evaluate: error: {e}", file=sys.stderr)
+        return 2
+    # Load (and sample) the data before the members: an offline run learns what is missing in seconds.
+    runs, skipped = prepare_tasks(names, settings, data)
+    for message in skipped.values():
+        print(f"salm evaluate: skipping {message}", file=sys.stderr)
+    if not runs:
+        print("salm evaluate: error: no dataset could be loaded; nothing was evaluated", file=sys.stderr)
+        return 1
+    if not args.model_weights:
+        print(
+            "=" * 78 + "\nWARNING: no --model_weights given: the routing heads are UNTRAINED (random).\n"
+            "The ensemble's numbers say nothing about saLM; pass --model_weights PATH for trained heads.\n" + "=" * 78,
+            file=sys.stderr,
+        )
+        logger.warning("evaluating with untrained routing heads")
+    model = load_ensemble(args, args.model_weights)
+    out_dir = Path(args.output_dir)
+    summary = evaluate(model, runs, out_dir, settings, skipped=skipped)
+    _print_summary(summary, out_dir)
+    return 0
