@@ -388,10 +388,16 @@ def _decision(model, token_id: int, member: int, probs: list[float]) -> TokenDec
     )
 
 
+class _Cancelled(Exception):
+    """Raised inside the streaming worker when the consumer stopped iterating."""
+
+
 def stream(model, prompt: str, **kwargs) -> Iterator[TokenDecision]:
     """Iterate over the tokens of one prompt as they are generated (for CLIs and notebooks).
 
-    Runs the decoding on this thread step by step; stopping the iteration stops generation.
+    Decoding runs on a daemon worker thread feeding a bounded queue, so the caller sees each token as soon
+    as it exists; an exception in the worker is re-raised here. Leaving the loop early (``break``, or
+    closing the iterator) cancels the worker at its next token.
     """
     import queue
     import threading
@@ -399,22 +405,42 @@ def stream(model, prompt: str, **kwargs) -> Iterator[TokenDecision]:
     q: queue.Queue = queue.Queue(maxsize=64)
     sentinel = object()
     error: list[BaseException] = []
+    cancel = threading.Event()
+
+    def push(_row: int, decision: TokenDecision) -> None:
+        while not cancel.is_set():
+            try:
+                q.put(decision, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Cancelled
 
     def work() -> None:
         try:
-            generate(model, prompt, streamer=lambda _r, d: q.put(d), **kwargs)
+            generate(model, prompt, streamer=push, **kwargs)
+        except _Cancelled:
+            pass
         except BaseException as e:  # noqa: BLE001 - re-raised on the consumer's thread
             error.append(e)
         finally:
-            q.put(sentinel)
+            while not cancel.is_set():
+                try:
+                    q.put(sentinel, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
 
     th = threading.Thread(target=work, daemon=True)
     th.start()
-    while True:
-        item = q.get()
-        if item is sentinel:
-            break
-        yield item
-    th.join()
+    try:
+        while True:
+            item = q.get()
+            if item is sentinel:
+                break
+            yield item
+    finally:
+        cancel.set()
+        th.join()
     if error:
         raise error[0]

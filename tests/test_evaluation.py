@@ -88,6 +88,8 @@ def test_teacher_forced_metrics_on_a_known_case():
         "routed_nll": -float(scores["routed"].sum()),
         "oracle_nll": -float(scores["oracle"].sum()),
         "agreement": int(scores["agreement"].sum()),
+        "routed_to": {"m0": int(scores["routed_to"][0, 0]), "m1": int(scores["routed_to"][0, 1])},
+        "router_prob": {"m0": float(scores["router_prob"][0, 0]), "m1": float(scores["router_prob"][0, 1])},
         "tokens": int(scores["tokens"].sum()),
         "sequences": 1,
     }
@@ -102,10 +104,13 @@ def test_teacher_forced_metrics_on_a_known_case():
     # argmax routing: a tie at position 0 goes to member 0 (p=.5), position 1 to member 1 (p=.4) = the oracle.
     assert m["routed_nll"] == pytest.approx(oracle)
     assert m["router_agreement"] == 1.0
+    assert m["router_share"] == pytest.approx({"m0": 0.5, "m1": 0.5})
+    assert m["router_prob_mean"] == pytest.approx({"m0": (0.5 + 0.25) / 2, "m1": (0.5 + 0.75) / 2})
     assert m["captured_share"] == pytest.approx((math.log(10) / 2 - ens) / (math.log(10) / 2 - oracle))
     # Pooling two halves through their sums gives the whole.
     assert combine_teacher_forced([m, m])["ensemble_nll"] == pytest.approx(ens)
     assert combine_teacher_forced([m, m])["tokens"] == 4
+    assert combine_teacher_forced([m, m])["router_share"] == pytest.approx(m["router_share"])
 
 
 def test_captured_share_undefined_when_oracle_gains_nothing():
@@ -117,6 +122,8 @@ def test_captured_share_undefined_when_oracle_gains_nothing():
         "routed_nll": 0.0,
         "oracle_nll": -float(scores["oracle"].sum()),
         "agreement": 0,
+        "routed_to": {"a": 0, "b": 0},
+        "router_prob": {"a": 0.0, "b": 0.0},
         "tokens": 2,
         "sequences": 1,
     }

@@ -109,6 +109,16 @@ def test_sampling_is_seeded_and_streaming_matches(tiny_ensemble):
     assert [d.token_id for d in streamed] == full.token_ids
 
 
+def test_leaving_a_stream_early_cancels_its_worker(tiny_ensemble):
+    import threading
+
+    before = threading.active_count()
+    it = tiny_ensemble.stream(PROMPTS[0], max_new_tokens=5000, temperature=0)
+    first = [next(it), next(it)]
+    it.close()  # what `break` does; must not leave a worker decoding 5000 tokens
+    assert len(first) == 2 and threading.active_count() == before
+
+
 def test_string_in_string_out(tiny_ensemble):
     assert isinstance(tiny_ensemble.generate(prompt=PROMPTS[0], max_new_tokens=3, temperature=0.3), str)
     assert len(tiny_ensemble.generate(PROMPTS, max_new_tokens=3, temperature=0.3, batch_size=2)) == 3

@@ -119,7 +119,8 @@ def token_scores(
 
     Returns ``member`` [B, M] (sum log p_m), ``mixture`` [B] (sum log sum_m pi_m p_m), ``routed`` [B]
     (sum log p of the argmax-routed member), ``oracle`` [B] (sum max_m log p_m), ``agreement`` [B]
-    (tokens where argmax pi is the oracle's member) and ``tokens`` [B].
+    (tokens where argmax pi is the oracle's member), ``routed_to`` [B, M] (tokens the argmax router gives
+    each member), ``router_prob`` [B, M] (sum of each member's routing probability) and ``tokens`` [B].
     """
     gold = gold_logprobs.float()
     m = mask.bool().unsqueeze(-1)
@@ -133,6 +134,8 @@ def token_scores(
         "routed": (gold.gather(-1, routed_idx).squeeze(-1) * mf).sum(1),
         "oracle": (oracle_val * mf).sum(1),
         "agreement": ((routed_idx.squeeze(-1) == oracle_idx).float() * mf).sum(1),
+        "routed_to": (F.one_hot(routed_idx.squeeze(-1), gold.size(-1)).float() * mf.unsqueeze(-1)).sum(1),
+        "router_prob": (log_pi.exp() * mf.unsqueeze(-1)).sum(1),
         "tokens": mf.sum(1),
     }
 
@@ -144,6 +147,8 @@ def _empty_sums(model_ids: Sequence[str]) -> dict[str, Any]:
         "routed_nll": 0.0,
         "oracle_nll": 0.0,
         "agreement": 0,
+        "routed_to": {m: 0 for m in model_ids},
+        "router_prob": {m: 0.0 for m in model_ids},
         "tokens": 0,
         "sequences": 0,
     }
@@ -152,6 +157,8 @@ def _empty_sums(model_ids: Sequence[str]) -> dict[str, Any]:
 def _add_scores(sums: dict[str, Any], scores: Mapping[str, torch.Tensor], model_ids: Sequence[str]) -> None:
     for i, mid in enumerate(model_ids):
         sums["member_nll"][mid] += -float(scores["member"][:, i].sum())
+        sums["routed_to"][mid] += int(round(float(scores["routed_to"][:, i].sum())))
+        sums["router_prob"][mid] += float(scores["router_prob"][:, i].sum())
     sums["ensemble_nll"] += -float(scores["mixture"].sum())
     sums["routed_nll"] += -float(scores["routed"].sum())
     sums["oracle_nll"] += -float(scores["oracle"].sum())
@@ -183,6 +190,9 @@ def summarize_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
         "best_member": best,
         "best_member_nll": best_nll,
         "router_agreement": sums["agreement"] / n if n else 0.0,
+        # Where the argmax router sends the gold tokens, and the mean routing probability per member.
+        "router_share": {m: mean(float(v)) for m, v in sums["routed_to"].items()},
+        "router_prob_mean": {m: mean(v) for m, v in sums["router_prob"].items()},
         "captured_share": (best_nll - ens) / gap if n and gap > 1e-9 else None,
         "sums": {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in sums.items()},
     }
@@ -196,8 +206,9 @@ def combine_teacher_forced(results: Iterable[Mapping[str, Any]]) -> dict[str, An
     total = _empty_sums(list(results[0]["sums"]["member_nll"]))
     for r in results:
         s = r["sums"]
-        for m, v in s["member_nll"].items():
-            total["member_nll"][m] = total["member_nll"].get(m, 0.0) + v
+        for key in ("member_nll", "routed_to", "router_prob"):
+            for m, v in s[key].items():
+                total[key][m] = total[key].get(m, 0) + v
         for k in ("ensemble_nll", "routed_nll", "oracle_nll", "agreement", "tokens", "sequences"):
             total[k] += s[k]
     return summarize_sums(total)
@@ -238,6 +249,8 @@ class ContinuationScores:
     routed: torch.Tensor  # [R] sum log p of the argmax-routed member
     oracle: torch.Tensor  # [R]
     agreement: torch.Tensor  # [R]
+    routed_to: torch.Tensor  # [R, M] tokens the argmax router gives each member
+    router_prob: torch.Tensor  # [R, M] summed routing probabilities
     tokens: torch.Tensor  # [R]
 
     def sums(self) -> dict[str, Any]:
@@ -296,7 +309,8 @@ def score_continuations(
     encoded = encode_pairs(model.tokenizer, pairs, model.context_length)
     R, M = len(pairs), len(model.model_ids)
     res = {k: torch.zeros(R) for k in ("mixture", "routed", "oracle", "agreement", "tokens")}
-    res["member"] = torch.zeros(R, M)
+    for k in ("member", "routed_to", "router_prob"):
+        res[k] = torch.zeros(R, M)
     try:
         for rows, scores in _batches(model, encoded, batch_size, progress, desc):
             idx = torch.tensor(rows, dtype=torch.long)

@@ -155,6 +155,8 @@ def write_examples_html(items: Sequence[Mapping[str, Any]], model_ids: Sequence[
     ]
     for it in items:
         verdict = '<span class="ok">correct</span>' if it.get("correct") else '<span class="bad">wrong</span>'
+        if it.get("correct") is None:  # free text (code, prose): nothing to score
+            verdict = "not scored"
         spans = []
         for text, member, probs in it["tokens"]:
             colour = member_colour(model_ids, member) if member in model_ids else "#000000"
@@ -283,6 +285,9 @@ def render_report(summary: Mapping[str, Any]) -> str:
                 f"the oracle's gain over {tf['best_member']}: {_f(tf['captured_share'], 2)}.",
                 "",
             ]
+            if tf.get("router_share"):
+                shares = ", ".join(f"{m} {v:.1%}" for m, v in tf["router_share"].items())
+                lines += [f"Argmax router's choice on the gold answers' tokens: {shares}.", ""]
         lines += [
             f"Files: [{name}/results.json]({name}/results.json), [{name}/predictions.jsonl]({name}/predictions.jsonl)",
             "",
