@@ -1,0 +1,678 @@
+"""Build (or reuse) the quickstart ensemble: three small Qwen2 members trained from scratch on the CPU.
+
+The recipe mirrors a real trio (a general model plus two finetunes of it): one BPE tokenizer is trained
+on all three domains, a ``general`` member is trained on their mix, and copies of it continue training
+on a single domain each to become the ``code`` and ``math`` specialists. Everything is ordinary Hugging
+Face folders plus a ``members.yaml``, so the rest of saLM treats them exactly like downloaded models.
+
+Builds are cached under ``<cache>/quickstart/<size>-<recipe hash>`` and written atomically (temporary
+sibling folder, then ``os.replace``), so a crashed build is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from salm.quickstart.corpora import (
+    DOMAINS,
+    SPLITS,
+    CorpusConfig,
+    corpus_digest,
+    make_examples,
+    render_example,
+    rendering_probe,
+    training_texts,
+    write_example_files,
+)
+
+logger = logging.getLogger(__name__)
+
+BUILD_VERSION = 1
+"""Bump whenever code changes what a build produces (generator, cleaning, training loop): new cache key."""
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+SIZES = ("default", "tiny")
+COMPLETE_MARKER = "build_report.json"  # written last inside the temporary folder
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipe
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Qwen2 dimensions shared by all members (specialists are copies of the general member)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    max_positions: int = 512
+
+
+@dataclass(frozen=True)
+class TrainPhase:
+    """One optimisation run: AdamW, linear warmup then cosine decay to 10% of ``lr``."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    warmup: int = 20
+    weight_decay: float = 0.1
+    replay: float = 0.0  # specialists: share of windows drawn from the general mix (limits forgetting)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the build's output; its hash names the cache folder."""
+
+    size: str
+    seed: int
+    vocab_size: int
+    model: ModelShape
+    seq_len: int
+    general: TrainPhase
+    code: TrainPhase
+    math: TrainPhase
+    general_mix: tuple[float, float, float]  # sampling weights of (code, prose, math) for the general member
+    corpus: CorpusConfig
+    example_counts: tuple[int, int, int]  # (question, answer) pairs per domain written for train/val/test
+    eval_nll_examples: int  # held-out (test split) examples per domain for the NLL table
+    eval_math_problems: int  # held-out problems solved greedily for the accuracy table
+    tokenizer_chars_per_domain: int
+    torch_threads: int | None = None  # None: torch's default (one per physical core)
+    version: int = BUILD_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def recipe_for(size: str = "default", seed: int = 0) -> Recipe:
+    """The recipe of a named size: ``default`` (~3 min on 2 CPU cores) or ``tiny`` (~7 s, for CI)."""
+    if size == "default":
+        return Recipe(
+            size=size,
+            seed=seed,
+            vocab_size=1536,
+            model=ModelShape(hidden_size=192, num_layers=3, num_heads=6, num_kv_heads=2, intermediate_size=512),
+            seq_len=128,
+            # Small batches, many steps: on math, 260 steps of 16 windows reach ~0.8 greedy accuracy where
+            # 130 steps of 32 (the same tokens and time) reach ~0.5.
+            general=TrainPhase(steps=480, lr=2e-3, batch_size=16, warmup=30),
+            code=TrainPhase(steps=180, lr=1e-3, batch_size=16, warmup=10),
+            # Replay only for math: its templated text has no English, so without it the specialist
+            # forgets everything else (14 nats/token on prose); stdlib code keeps English in docstrings.
+            math=TrainPhase(steps=260, lr=2e-3, batch_size=16, warmup=10, replay=0.1),
+            general_mix=(1.0, 1.0, 1.0),
+            corpus=CorpusConfig(code_chars=1_500_000, math_problems=20_000, split_seed=seed),
+            example_counts=(400, 100, 100),
+            eval_nll_examples=100,
+            eval_math_problems=50,
+            tokenizer_chars_per_domain=400_000,
+        )
+    if size == "tiny":
+        return Recipe(
+            size=size,
+            seed=seed,
+            vocab_size=384,
+            model=ModelShape(
+                hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, max_positions=256
+            ),
+            seq_len=64,
+            general=TrainPhase(steps=120, lr=3e-3, batch_size=16, warmup=10),
+            code=TrainPhase(steps=60, lr=2e-3, batch_size=16, warmup=5),
+            math=TrainPhase(steps=60, lr=2e-3, batch_size=16, warmup=5, replay=0.1),
+            general_mix=(1.0, 1.0, 1.0),
+            corpus=CorpusConfig(code_chars=200_000, math_problems=2_000, split_seed=seed),
+            example_counts=(40, 20, 20),
+            eval_nll_examples=20,
+            eval_math_problems=10,
+            tokenizer_chars_per_domain=60_000,
+            # Ops this small gain nothing from a second thread, and a single thread cannot stall at
+            # OpenMP barriers when a shared CI runner is busy (measured: 135 s instead of 2 s).
+            torch_threads=1,
+        )
+    raise ValueError(f"unknown quickstart size {size!r}; expected one of {SIZES}")
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Short hash of the recipe, the corpus text (another Python install means other stdlib text) and the
+    prompt rendering (a changed template in :mod:`salm.data` means other training text)."""
+    payload = json.dumps(
+        {"recipe": recipe.to_json(), "corpus": corpus_digest(recipe.corpus), "rendering": rendering_probe()},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """``$SALM_CACHE``, else ``$XDG_CACHE_HOME/salm``, else ``~/.cache/salm``."""
+    if os.environ.get("SALM_CACHE"):
+        return Path(os.environ["SALM_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "salm"
+    return Path.home() / ".cache" / "salm"
+
+
+def quickstart_dir(recipe: Recipe) -> Path:
+    """Cache folder of a recipe's build."""
+    return cache_root() / "quickstart" / f"{recipe.size}-{recipe_hash(recipe)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class QuickstartArtifacts:
+    """Paths of a finished build. ``data_files[domain][split]``; domain ``mixed`` interleaves all three."""
+
+    root: Path
+    members_file: Path
+    member_dirs: dict[str, Path]
+    data_files: dict[str, dict[str, Path]]
+    report_file: Path
+    recipe_hash: str
+    reused: bool
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _artifacts(root: Path, digest: str, reused: bool) -> QuickstartArtifacts:
+    data = root / "data"
+    return QuickstartArtifacts(
+        root=root,
+        members_file=root / "members.yaml",
+        member_dirs={m: root / m for m in MEMBER_INFO},
+        data_files={d: {s: data / f"{d}_{s}.jsonl" for s in SPLITS} for d in (*DOMAINS, "mixed")},
+        report_file=root / COMPLETE_MARKER,
+        recipe_hash=digest,
+        reused=reused,
+        report=json.loads((root / COMPLETE_MARKER).read_text()),
+    )
+
+
+def _is_complete(root: Path, digest: str) -> bool:
+    try:
+        report = json.loads((root / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if report.get("recipe_hash") != digest or not (root / "members.yaml").is_file():
+        return False
+    return all((root / m / "config.json").is_file() for m in MEMBER_INFO)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+r"""Qwen2's pre-tokenizer split. ``\p{N}`` isolates every digit, so numbers are spelled digit by digit."""
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
+    """Train a byte-level BPE, save it to ``save_dir`` and return it as reloaded by ``AutoTokenizer``.
+
+    The normalizer and pre-tokenizer are exactly Qwen2's: transformers 5 loads any folder whose
+    ``config.json`` says ``qwen2`` with ``Qwen2Tokenizer``, which re-installs those components, so any
+    other pipeline (e.g. a ``Digits`` pre-tokenizer) would silently tokenize differently after loading.
+    Returning the reloaded tokenizer guarantees training and every later user see the same ids.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=EOS_TOKEN)
+    fast.save_pretrained(save_dir)
+    # Resolve the class exactly as AutoTokenizer does for a member folder (whose config says qwen2).
+    loaded = AutoTokenizer.from_pretrained(save_dir, config=Qwen2Config())
+    probe = "".join(t[:2000] for t in texts[:50])
+    if loaded(probe, add_special_tokens=False)["input_ids"] != tok.encode(probe).ids:
+        raise RuntimeError("reloaded quickstart tokenizer does not reproduce the trained tokenization")
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+MEMBER_INFO: dict[str, dict[str, str]] = {
+    "general": {"name": "Quickstart general (mix)", "task": "general"},
+    "code": {"name": "Quickstart code (Python stdlib)", "task": "code"},
+    "math": {"name": "Quickstart math (arithmetic)", "task": "math"},
+}
+
+
+@dataclass
+class TokenStream:
+    """One domain's training texts as a single token sequence, with the offset where each text starts."""
+
+    ids: torch.Tensor
+    starts: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def window_start(self, pos: int, seq_len: int) -> int:
+        """``pos``, moved to the next text start when that is less than half a window away.
+
+        Short texts (a math problem, a rendered example) then start whole at the beginning of a window,
+        instead of losing the question whose answer the window asks the model to predict; long texts
+        (a module's source) keep uniformly random windows.
+        """
+        i = int(torch.searchsorted(self.starts, pos))
+        if i < len(self.starts) and int(self.starts[i]) - pos < seq_len // 2:
+            pos = int(self.starts[i])
+        return min(pos, len(self.ids) - seq_len)
+
+
+def _token_stream(tokenizer, texts: list[str]) -> TokenStream:
+    """All texts tokenized, each followed by EOS, concatenated."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    starts: list[int] = []
+    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        starts.append(len(ids))
+        ids.extend(enc)
+        ids.append(eos)
+    return TokenStream(torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long))
+
+
+def _lr_at(step: int, phase: TrainPhase) -> float:
+    if step < phase.warmup:
+        return phase.lr * (step + 1) / phase.warmup
+    progress = (step - phase.warmup) / max(1, phase.steps - phase.warmup)
+    return phase.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_lm(
+    model: torch.nn.Module,
+    streams: list[TokenStream],
+    weights: list[float],
+    phase: TrainPhase,
+    seq_len: int,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> list[float]:
+    """Next-token training on random windows; each row's stream is drawn by ``weights``. Returns losses."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": phase.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=phase.lr,
+        betas=(0.9, 0.95),
+    )
+    w = torch.tensor(weights, dtype=torch.float)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(phase.steps), desc=desc, disable=not progress, leave=False, file=sys.stderr)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, phase)
+        rows = []
+        choice = torch.multinomial(w, phase.batch_size, replacement=True, generator=gen)
+        for s in choice.tolist():
+            stream = streams[s]
+            start = stream.window_start(int(torch.randint(0, len(stream) - seq_len, (1,), generator=gen)), seq_len)
+            rows.append(stream.ids[start : start + seq_len])
+        batch = torch.stack(rows)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0 or step == phase.steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def tokenize_example(tokenizer, question: str, answer: str, domain: str = "quickstart") -> tuple[list[int], int]:
+    """``tokenizer(prompt) + tokenizer(answer) + [eos]`` of the rendered example, and the prompt's length.
+
+    The same layout as the pipeline's head training (:mod:`salm.features`), so the NLLs here are the
+    numbers the routing heads will see.
+    """
+    prompt, target = render_example(question, answer, domain)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    a = tokenizer(target, add_special_tokens=False)["input_ids"]
+    return list(p) + list(a) + [tokenizer.eos_token_id], len(p)
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], domain: str, batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per answer token (EOS included) given the rendered prompt."""
+    total, count = 0.0, 0
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(pairs), batch_size):
+        chunk = [tokenize_example(tokenizer, q, a, domain) for q, a in pairs[i : i + batch_size]]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (seq, n_prompt) in enumerate(chunk):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            labels[r, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+            mask[r, : len(seq)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += float(nll)
+        count += int((target != -100).sum())
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def math_accuracy(model, tokenizer, problems: list[tuple[str, str]], max_new_tokens: int = 48) -> float:
+    """Share of problems whose greedy completion of the rendered prompt states the right final answer."""
+    from salm.data.examples import parse_label
+
+    if not problems:
+        return 0.0
+    correct = 0
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # decoder-only: pad on the left
+    try:
+        for i in range(0, len(problems), 25):
+            rendered = [render_example(q, a, "math") for q, a in problems[i : i + 25]]
+            enc = tokenizer([p for p, _ in rendered], return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            for text, (_, gold) in zip(texts, rendered):
+                got = parse_label(text)
+                correct += int(got is not None and got == parse_label(gold))
+    finally:
+        tokenizer.padding_side = side
+    return correct / len(problems)
+
+
+def _format_params(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def _write_members_yaml(path: Path, params: dict[str, int]) -> None:
+    lines = ["# saLM quickstart ensemble: members built from scratch by salm.quickstart.build", "members:"]
+    for member, info in MEMBER_INFO.items():
+        lines += [
+            f"  - id: {member}",
+            f"    name: {info['name']}",
+            f"    path: {member}",
+            f"    parameters: {_format_params(params[member])}",
+            f"    task: {info['task']}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Build
+
+
+def _say(message: str, progress: bool) -> None:
+    logger.info(message)
+    if progress:
+        print(f"[salm quickstart] {message}", file=sys.stderr, flush=True)
+
+
+def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
+    """Train everything into ``tmp``; the report (completion marker) is written last."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    cfg = recipe.corpus
+    train_texts = {d: training_texts(d, cfg) for d in DOMAINS}
+
+    # Tokenizer: an equal share of each domain's training text, so no domain starves of merges.
+    tok_texts: list[str] = []
+    for d in DOMAINS:
+        budget = recipe.tokenizer_chars_per_domain
+        for text in train_texts[d]:
+            if budget <= 0:
+                break
+            tok_texts.append(text[:budget])
+            budget -= len(text)
+    tokenizer = train_tokenizer(tok_texts, recipe.vocab_size, tmp / "tokenizer")
+    streams = [_token_stream(tokenizer, train_texts[d]) for d in DOMAINS]
+    timings["tokenizer_and_data"] = time.perf_counter() - t0
+    sizes = {d: len(s) for d, s in zip(DOMAINS, streams)}
+    _say(f"tokenizer: {len(tokenizer)} tokens; training tokens {sizes}", progress)
+
+    shape = recipe.model
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(recipe.seed)
+    models: dict[str, Any] = {}
+    curves: dict[str, list[float]] = {}
+    t = time.perf_counter()
+    general = Qwen2ForCausalLM(config)
+    curves["general"] = train_lm(
+        general, streams, list(recipe.general_mix), recipe.general, recipe.seq_len, recipe.seed,
+        "general (mix)", progress,
+    )  # fmt: skip
+    models["general"] = general
+    timings["train_general"] = time.perf_counter() - t
+    for offset, member in enumerate(("code", "math"), start=1):
+        t = time.perf_counter()
+        model = copy.deepcopy(general)
+        phase = getattr(recipe, member)
+        mix = [w / sum(recipe.general_mix) for w in recipe.general_mix]
+        weights = [phase.replay * w + (1 - phase.replay) * (d == member) for d, w in zip(DOMAINS, mix)]
+        curves[member] = train_lm(
+            model, streams, weights, phase, recipe.seq_len, recipe.seed + offset, f"{member} specialist", progress
+        )
+        models[member] = model
+        timings[f"train_{member}"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    params: dict[str, int] = {}
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per member is noise here
+    try:
+        for member, model in models.items():
+            folder = tmp / member
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+            model.generation_config.bos_token_id = tokenizer.eos_token_id
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            params[member] = sum(p.numel() for p in model.parameters())
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    shutil.rmtree(tmp / "tokenizer")  # every member folder has its own identical copy
+    _write_members_yaml(tmp / "members.yaml", params)
+    counts = dict(zip(SPLITS, recipe.example_counts))
+    write_example_files(tmp / "data", counts, seed=recipe.seed, config=cfg)
+    timings["save"] = time.perf_counter() - t
+
+    # Held-out check that each specialist really is one (test split: never trained on).
+    t = time.perf_counter()
+    held_out = {d: make_examples(d, recipe.eval_nll_examples, seed=recipe.seed + 1, split="test", config=cfg)
+                for d in DOMAINS}  # fmt: skip
+    problems = held_out["math"][: recipe.eval_math_problems]
+    if len(problems) < recipe.eval_math_problems:
+        problems = make_examples("math", recipe.eval_math_problems, seed=recipe.seed + 1, split="test", config=cfg)
+    results: dict[str, dict[str, Any]] = {}
+    for member, model in models.items():
+        results[member] = {
+            "parameters": params[member],
+            "nll": {d: round(answer_nll(model, tokenizer, held_out[d], d), 4) for d in DOMAINS},
+            "math_accuracy": round(math_accuracy(model, tokenizer, problems), 4),
+            "final_train_loss": round(sum(curves[member][-20:]) / len(curves[member][-20:]), 4),
+        }
+    timings["evaluate"] = time.perf_counter() - t
+    nll = {m: r["nll"] for m, r in results.items()}
+    checks = {
+        "code_specialist_best_on_code": nll["code"]["code"] < min(nll["general"]["code"], nll["math"]["code"]),
+        "math_specialist_best_on_math": nll["math"]["math"] < min(nll["general"]["math"], nll["code"]["math"]),
+        "general_best_on_prose": nll["general"]["prose"] <= min(nll["code"]["prose"], nll["math"]["prose"]),
+        "math_specialist_best_accuracy": results["math"]["math_accuracy"]
+        > max(results["general"]["math_accuracy"], results["code"]["math_accuracy"]),
+    }
+    timings["total"] = time.perf_counter() - t0
+    report = {
+        "recipe_hash": digest,
+        "size": recipe.size,
+        "recipe": recipe.to_json(),
+        "build_version": BUILD_VERSION,
+        "torch_threads": torch.get_num_threads(),
+        "tokenizer_vocab": len(tokenizer),
+        "train_tokens": {d: len(s) for d, s in zip(DOMAINS, streams)},
+        "eval": {
+            "split": "test",
+            "nll_examples": {d: len(v) for d, v in held_out.items()},
+            "math_problems": len(problems),
+            "nll_unit": "nats per answer token (EOS included), prompt rendered as by salm.data",
+        },
+        "members": results,
+        "checks": checks,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    (tmp / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(report, indent=2) + "\n")
+    for name, ok in checks.items():
+        if not ok:
+            logger.warning("quickstart build check failed: %s", name)
+
+
+def _clean_stale_temporaries(target: Path, max_age_s: float = 6 * 3600) -> None:
+    """Remove temporary build folders of ``target`` left behind by crashed runs."""
+    if not target.parent.is_dir():
+        return
+    now = time.time()
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        try:
+            if now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _publish(tmp: Path, target: Path, digest: str) -> bool:
+    """Move the finished ``tmp`` to ``target`` atomically. False when another process published first."""
+    if _is_complete(target, digest):
+        return False
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}-{time.time_ns()}")
+        os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return True
+    try:
+        os.replace(tmp, target)
+    except OSError:  # lost a race: a non-empty target appeared meanwhile
+        return False
+    return True
+
+
+def build_quickstart_members(
+    out_dir: Path | None = None,
+    size: str = "default",
+    seed: int = 0,
+    progress: bool = True,
+    recipe: Recipe | None = None,
+) -> QuickstartArtifacts:
+    """Build the quickstart members, or reuse an identical earlier build.
+
+    ``out_dir`` None: the cache folder of the recipe (see :func:`quickstart_dir`). Given ``out_dir``: that
+    exact folder, rebuilt unless it already holds a build of the same recipe; a non-empty folder that is
+    not a quickstart build is refused rather than overwritten. ``recipe`` overrides ``size``/``seed``.
+    """
+    recipe = recipe or recipe_for(size, seed)
+    digest = recipe_hash(recipe)
+    target = Path(out_dir).expanduser() if out_dir is not None else quickstart_dir(recipe)
+    if _is_complete(target, digest):
+        _say(f"reusing cached {recipe.size} members (recipe {digest}) at {target}", progress)
+        return _artifacts(target, digest, reused=True)
+    foreign = target.exists() and any(target.iterdir()) and not (target / COMPLETE_MARKER).exists()
+    if out_dir is not None and foreign:
+        raise FileExistsError(f"{target} is not empty and holds no quickstart build; refusing to overwrite it")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_temporaries(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    tmp.mkdir()
+    _say(f"building {recipe.size} members (recipe {digest}) into {target}", progress)
+    threads = torch.get_num_threads()
+    try:
+        if recipe.torch_threads:
+            torch.set_num_threads(recipe.torch_threads)
+        _build_into(tmp, recipe, digest, progress)
+        published = _publish(tmp, target, digest)
+    finally:
+        torch.set_num_threads(threads)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not published:
+        if not _is_complete(target, digest):
+            raise RuntimeError(f"could not publish the quickstart build to {target}")
+        _say(f"another process finished the same build first; using {target}", progress)
+        return _artifacts(target, digest, reused=True)
+    art = _artifacts(target, digest, reused=False)
+    secs = art.report["seconds"]["total"]
+    _say(f"built {recipe.size} members in {secs:.0f}s: {target}", progress)
+    return art

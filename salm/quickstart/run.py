@@ -1,0 +1,416 @@
+"""``salm quickstart``: the whole pipeline, offline on the CPU, on the small embedded default ensemble.
+
+Every stage is the real one, called as a user would call it: members built (or reused) as ordinary
+Hugging Face folders plus a member-set file (:mod:`salm.quickstart.build`), heads trained by
+:func:`salm.training.train`, and the ensemble and each member evaluated by
+:func:`salm.evaluation.runner.evaluate` on held-out text of each domain (teacher-forced NLL, the oracle
+router, where the router sends each domain's tokens) and on generated arithmetic problems (accuracy, the
+GSM8K scorer). The output folder then holds ``report.md`` with the checks the quickstart must pass,
+``quickstart_summary.json``, the training and evaluation folders, and ``examples.html``.
+
+The specialist domains are ``code`` and ``math`` (their specialists' domain); ``prose`` is where the
+general member is best, so its tokens should go to ``general``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from salm.io import atomic_write_json, atomic_write_text
+
+# domain -> the member that should win it (the quickstart members are named after their domains)
+EXPECTED_MEMBER = {"code": "code", "prose": "general", "math": "math"}
+ARITHMETIC = "arithmetic"
+TARGETS = {"routing_share": 0.80, "nll_ratio": 1.02, "accuracy_margin": 0.02}
+
+
+@dataclass
+class QuickstartSettings:
+    """Everything ``salm quickstart`` takes; the defaults are the recorded run in the README."""
+
+    output_dir: str = "salm_quickstart"
+    size: str = "default"
+    seed: int = 0
+    members_dir: str | None = None
+    num_epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    entropy_weight: float = 0.0
+    loss_on: str = "answer"
+    routing: str = "argmax"
+    arithmetic_problems: int | None = None  # None: the whole math test split
+    max_new_tokens: int = 64
+    num_examples: int = 3
+    plots: bool = True
+    progress: bool = True
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = QuickstartSettings()
+    parser.add_argument("--output_dir", default=d.output_dir, help="where the report and every output go")
+    parser.add_argument("--size", choices=["default", "tiny"], default=d.size, help="tiny: a ~1 minute smoke run")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the member build and head training")
+    parser.add_argument(
+        "--members_dir", default=None, help="build/reuse the members here instead of the cache ($SALM_CACHE)"
+    )
+    g = parser.add_argument_group("head training (salm train's flags)")
+    g.add_argument("--num_epochs", type=int, default=d.num_epochs)
+    g.add_argument("--batch_size", type=int, default=d.batch_size)
+    g.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    g.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+    g.add_argument("--entropy_weight", type=float, default=d.entropy_weight)
+    g.add_argument("--loss_on", choices=["answer", "all"], default=d.loss_on)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--routing", default=d.routing, help="argmax | mixture | threshold:<p>")
+    g.add_argument("--arithmetic_problems", type=int, default=None, help="default: the whole math test split")
+    g.add_argument("--max_new_tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--num_examples", type=int, default=d.num_examples, help="coloured generations per domain")
+    g.add_argument("--no_plots", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    names = QuickstartSettings.__dataclass_fields__
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    settings = QuickstartSettings(**kw, plots=not args.no_plots)
+    try:
+        summary = run_quickstart(settings)
+    except FileExistsError as e:  # --members_dir names a folder that is not ours: nothing was touched
+        print(f"salm quickstart: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    failed = [name for name, ok in summary["checks"].items() if not ok]
+    out = Path(settings.output_dir)
+    print(f"\nreport: {out / 'report.md'}   coloured tokens: {out / 'examples.html'}")
+    if failed:
+        print(f"checks not met: {', '.join(failed)}", file=sys.stderr)
+    return 0
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[salm quickstart] {message}", file=sys.stderr, flush=True)
+
+
+def _load_split(files: dict[str, dict[str, Path]], split: str) -> dict[str, list]:
+    from salm.data import load_examples
+    from salm.quickstart.corpora import DOMAINS
+
+    return {d: load_examples(str(files[d][split]), name=d) for d in DOMAINS}
+
+
+def run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
+    """Build/reuse members, train heads, evaluate, write the report; returns the summary (also as JSON)."""
+    from salm.data import TrainingData, balance
+    from salm.ensemble import read_weights
+    from salm.evaluation.runner import EvalSettings, evaluate
+    from salm.evaluation.tasks import Task, score_gsm8k_output
+    from salm.quickstart.build import build_quickstart_members
+    from salm.training import BEST_DIR, TrainConfig, train
+
+    t0 = time.perf_counter()
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    # 1. members
+    t = time.perf_counter()
+    art = build_quickstart_members(out_dir=s.members_dir, size=s.size, seed=s.seed, progress=s.progress)
+    seconds["members"] = time.perf_counter() - t
+
+    # 2. heads, trained by salm train's own code on the three domains' train/validation files
+    t = time.perf_counter()
+    train_sets, val_sets = _load_split(art.data_files, "train"), _load_split(art.data_files, "validation")
+    data = TrainingData(
+        train=balance(train_sets, s.seed),
+        val=balance(val_sets, s.seed),
+        report={
+            "datasets": {d: {"source": str(art.data_files[d]["train"]), "train": len(v)} for d, v in train_sets.items()}
+        },
+    )
+    cfg = TrainConfig(
+        datasets=sorted(train_sets),
+        output_dir=str(out / "training"),
+        num_epochs=s.num_epochs,
+        batch_size=s.batch_size,
+        learning_rate=s.learning_rate,
+        warmup_steps=s.warmup_steps,
+        entropy_weight=s.entropy_weight,
+        seed=s.seed,
+        models=str(art.members_file),
+        device="cpu",
+        dtype="float32",
+        loss_on=s.loss_on,
+        plots=s.plots,
+        progress=s.progress,
+    )
+    _say(f"training the routing heads ({len(data.train)} train / {len(data.val)} validation examples)", s.progress)
+    result = train(cfg, data=data)
+    model = result.model
+    best = result.output_dir / BEST_DIR
+    model.load_heads(read_weights(best)[0], source=str(best))  # evaluate the best-validation heads
+    model.eval()
+    seconds["training"] = time.perf_counter() - t
+
+    # 3. evaluation: NLL-only tasks for code and prose, arithmetic accuracy on the math test split
+    t = time.perf_counter()
+    tests = _load_split(art.data_files, "test")
+    arithmetic = tests["math"][: s.arithmetic_problems] if s.arithmetic_problems else tests["math"]
+    tasks = [
+        (Task("code", scorer=None, description="held-out Python source: teacher-forced NLL"), tests["code"]),
+        (Task("prose", scorer=None, description="held-out English prose: teacher-forced NLL"), tests["prose"]),
+        (
+            Task(
+                ARITHMETIC,
+                scorer=score_gsm8k_output,
+                metrics={"accuracy": "correct", "flexible_accuracy": "flexible_correct"},
+                random_baseline=0.0,
+                description="generated multi-step arithmetic word problems, scored as GSM8K (strict)",
+            ),
+            arithmetic,
+        ),
+    ]
+    eval_settings = EvalSettings(
+        sample_size=None,
+        random_seed=s.seed,
+        max_new_tokens=s.max_new_tokens,
+        temperature=0.0,
+        routing=s.routing,
+        batch_size=16,
+        plots=s.plots,
+        weights=str(best),
+        progress=s.progress,
+    )
+    _say("evaluating the ensemble and each member", s.progress)
+    ev = evaluate(model, tasks, out / "evaluation", eval_settings)
+    seconds["evaluation"] = time.perf_counter() - t
+
+    # 4. coloured generations for every domain, and where the router sends generated tokens
+    t = time.perf_counter()
+    generations = _example_generations(model, tests, s)
+    seconds["examples"] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - t0
+
+    summary = _summarize(art, result, ev, generations, s, seconds)
+    atomic_write_json(out / "quickstart_summary.json", summary)
+    atomic_write_text(out / "report.md", render_report(summary))
+    return summary
+
+
+def _example_generations(model: Any, tests: dict[str, list], s: QuickstartSettings) -> dict[str, Any]:
+    """Greedy ensemble generations for the first ``num_examples`` test prompts of each domain -> HTML page,
+    plus the routing pattern of those generated tokens per domain."""
+    from salm.evaluation.analysis import decision_patterns, kept_decisions
+    from salm.evaluation.reports import write_examples_html
+    from salm.evaluation.tasks import DEFAULT_STOP, score_gsm8k_output
+
+    items: list[dict[str, Any]] = []
+    patterns: dict[str, Any] = {}
+    for domain, examples in tests.items():
+        chosen = examples[: s.num_examples]
+        if not chosen:
+            continue
+        outs = model.generate(
+            [ex.prompt for ex in chosen], max_new_tokens=s.max_new_tokens, temperature=0.0, routing=s.routing,
+            stop=list(DEFAULT_STOP), seed=s.seed, return_outputs=True,
+        )  # fmt: skip
+        members = []
+        for ex, o in zip(chosen, outs):
+            kept = kept_decisions(o, model.tokenizer)
+            score = score_gsm8k_output(o.text, ex) if domain == "math" else {}
+            members.append([d.member for d in kept])
+            items.append(
+                {
+                    "dataset": domain,
+                    "id": ex.id,
+                    "question": ex.question,
+                    "gold": score.get("gold"),
+                    "answer": score.get("answer"),
+                    "correct": score.get("correct"),
+                    "tokens": [(d.token, d.member, d.routing_probs) for d in kept],
+                }  # fmt: skip
+            )
+        patterns[domain] = decision_patterns(members, model.model_ids)
+    write_examples_html(items, list(model.model_ids), Path(s.output_dir) / "examples.html")
+    return {"patterns": patterns, "html": "examples.html"}
+
+
+def _summarize(art: Any, result: Any, ev: dict[str, Any], gen: dict[str, Any], s, seconds) -> dict[str, Any]:
+    from salm.evaluation.analysis import combine_teacher_forced
+
+    ds = ev["datasets"]
+    domains = {"code": ds["code"], "prose": ds["prose"], "math": ds[ARITHMETIC]}
+    tf = {d: r["teacher_forced"] for d, r in domains.items()}
+    tf["mixed"] = combine_teacher_forced(tf.values())
+    nll: dict[str, Any] = {}
+    for d, m in tf.items():
+        nll[d] = {
+            "members": m["member_nll"],
+            "ensemble": m["ensemble_nll"],
+            "argmax_routed": m["routed_nll"],
+            "oracle": m["oracle_nll"],
+            "best_member": m["best_member"],
+            "ensemble_over_best": m["ensemble_nll"] / m["best_member_nll"] if m["best_member_nll"] else None,
+            "captured_share": m["captured_share"],
+            "router_agreement": m["router_agreement"],
+            "router_share": m["router_share"],
+            "tokens": m["tokens"],
+        }
+    acc = {name: entry for name, entry in ds[ARITHMETIC]["models"].items()}
+    accuracy = {
+        name: {k: e.get(k) for k in ("accuracy", "ci_low", "ci_high", "n", "correct", "detection_rate")}
+        for name, e in acc.items()
+    }
+    ens = accuracy["ensemble"]["accuracy"]
+    others = {m: accuracy[m]["accuracy"] for m in ("general", "code")}
+    checks = {
+        f"routing_{d}_to_{EXPECTED_MEMBER[d]}>=80%": nll[d]["router_share"][EXPECTED_MEMBER[d]]
+        >= TARGETS["routing_share"]
+        for d in ("code", "math")
+    }
+    for d in ("code", "prose", "math"):
+        checks[f"nll_{d}<=1.02x_best"] = nll[d]["ensemble_over_best"] <= TARGETS["nll_ratio"]
+    checks["nll_mixed<every_member"] = all(nll["mixed"]["ensemble"] < v for v in nll["mixed"]["members"].values())
+    checks["arithmetic>=math-2pts"] = ens >= accuracy["math"]["accuracy"] - TARGETS["accuracy_margin"]
+    checks["arithmetic>>others"] = all(ens >= v + 0.2 for v in others.values())
+    return {
+        "settings": asdict(s),
+        "members": {
+            "root": str(art.root),
+            "members_file": str(art.members_file),
+            "reused": art.reused,
+            "recipe_hash": art.recipe_hash,
+            "build": {
+                m: {k: r[k] for k in ("parameters", "nll", "math_accuracy")} for m, r in art.report["members"].items()
+            },
+        },
+        "training": {
+            "output_dir": str(result.output_dir),
+            "best_epoch": result.best_epoch,
+            "best_val_nll": result.best_val_nll,
+            "initial_val_nll": result.initial_val_nll,
+            "routing_share_val": (result.report or {}).get("routing_share_val", {}).get("best"),
+            "feature_cache_reused": {
+                k: v.get("reused")
+                for k, v in (result.report or {}).get("feature_cache", {}).items()
+                if isinstance(v, dict)
+            },
+        },
+        "nll": nll,
+        "arithmetic": accuracy,
+        "generation_routing": {d: p.get("share") for d, p in gen["patterns"].items()},
+        "checks": checks,
+        "targets": TARGETS,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "files": {
+            "evaluation_report": "evaluation/report.md",
+            "training": "training/",
+            "examples_html": gen["html"],
+        },
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The printed end-of-run table: NLL per domain (members, ensemble, oracle), routing, accuracy, checks."""
+    nll = summary["nll"]
+    members = list(nll["mixed"]["members"])
+    head = f"{'NLL/token':<10}" + "".join(f"{m:>10}" for m in members) + f"{'ensemble':>10}{'oracle':>10}"
+    head += f"{'ens/best':>10}{'captured':>10}   router share"
+    lines = [head]
+    for d, r in nll.items():
+        row = f"{d:<10}" + "".join(f"{r['members'][m]:>10.3f}" for m in members)
+        row += f"{r['ensemble']:>10.3f}{r['oracle']:>10.3f}{r['ensemble_over_best']:>10.3f}"
+        row += f"{_pct(r['captured_share']):>10}   " + " ".join(f"{m} {v:.0%}" for m, v in r["router_share"].items())
+        lines.append(row)
+    lines.append("")
+    acc = summary["arithmetic"]
+    lines.append(
+        "arithmetic accuracy: "
+        + ", ".join(f"{m} {a['accuracy']:.1%} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]" for m, a in acc.items())
+    )
+    lines.append("")
+    lines += [f"{'PASS' if ok else 'FAIL'}  {name}" for name, ok in summary["checks"].items()]
+    secs = summary["seconds"]
+    reused = "reused" if summary["members"]["reused"] else "built"
+    lines.append(
+        f"\nmembers {reused} ({secs['members']:.0f}s), heads trained ({secs['training']:.0f}s), "
+        f"evaluated ({secs['evaluation']:.0f}s); total {secs['total']:.0f}s"
+    )
+    return "\n".join(lines)
+
+
+def render_report(summary: dict[str, Any]) -> str:
+    """``report.md``: what ran, the numbers, and whether the quickstart's targets were met."""
+    s, m, tr = summary["settings"], summary["members"], summary["training"]
+    nll, acc = summary["nll"], summary["arithmetic"]
+    members = list(nll["mixed"]["members"])
+    lines = [
+        "# saLM quickstart report",
+        "",
+        f"Members ({'reused from' if m['reused'] else 'built into'} `{m['root']}`, recipe `{m['recipe_hash']}`): "
+        + ", ".join(f"`{k}` ({v['parameters'] / 1e6:.2f}M parameters)" for k, v in m["build"].items())
+        + ". `general` was trained on the mix of code, prose and arithmetic; `code` and `math` are copies of it"
+        " trained further on one domain.",
+        "",
+        f"Heads: {s['num_epochs']} epochs, batch {s['batch_size']}, learning rate {s['learning_rate']}, "
+        f"entropy weight {s['entropy_weight']}, loss on {s['loss_on']} tokens; best validation NLL "
+        f"{tr['best_val_nll']:.4f} at epoch {tr['best_epoch']} (untrained heads: {tr['initial_val_nll']:.4f}).",
+        "",
+        "## Held-out NLL per answer token (teacher forced)",
+        "",
+        "| domain | "
+        + " | ".join(members)
+        + " | ensemble | argmax-routed | oracle | ensemble / best | captured | router share |",
+        "|---" * (len(members) + 7) + "|",
+    ]
+    for d, r in nll.items():
+        share = ", ".join(f"{k} {v:.1%}" for k, v in r["router_share"].items())
+        lines.append(
+            f"| {d} | "
+            + " | ".join(f"{r['members'][k]:.4f}" for k in members)
+            + f" | {r['ensemble']:.4f} | {r['argmax_routed']:.4f} | {r['oracle']:.4f} | "
+            f"{r['ensemble_over_best']:.4f} | {_pct(r['captured_share'])} | {share} |"
+        )
+    lines += [
+        "",
+        "*ensemble* is the router-weighted mixture (what training optimises); *argmax-routed* uses the top-scored"
+        " member's distribution per token (what `routing=argmax` generation samples from); *oracle* takes the"
+        " best member per token; *captured* = (best member − ensemble) / (best member − oracle); *router share* ="
+        " where the argmax router sends the gold answer tokens.",
+        "",
+        f"## Arithmetic accuracy (greedy, {acc['ensemble']['n']} held-out problems, strict GSM8K scoring)",
+        "",
+        "| model | accuracy | 95% CI | answer found |",
+        "|---|---|---|---|",
+    ]
+    for name, a in acc.items():
+        lines.append(
+            f"| {name} | {a['accuracy']:.1%} | [{a['ci_low']:.3f}, {a['ci_high']:.3f}] | {a['detection_rate']:.0%} |"
+        )
+    gen = summary["generation_routing"]
+    lines += ["", "## Routing in generation (ensemble, greedy)", ""]
+    lines += [f"- {d}: " + ", ".join(f"{k} {v:.1%}" for k, v in share.items()) for d, share in gen.items() if share]
+    lines += ["", "## Checks", ""]
+    lines += [f"- {'PASS' if ok else '**FAIL**'} `{name}`" for name, ok in summary["checks"].items()]
+    secs = summary["seconds"]
+    lines += [
+        "",
+        "## Files",
+        "",
+        "- [examples.html](examples.html): generations, each token coloured by the member that emitted it",
+        "- [evaluation/report.md](evaluation/report.md): the evaluation run (results.json, predictions.jsonl, plots)",
+        "- [training/](training/): heads (`best_model/`, `best_model_heads.pt`), metrics.jsonl, loss and routing plots",
+        "",
+        "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
+        "",
+    ]
+    return "\n".join(lines)

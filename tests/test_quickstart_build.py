@@ -1,0 +1,182 @@
+"""The embedded quickstart ensemble: a real (tiny) build, its cache, its data and its report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from salm.quickstart import build as qb
+from salm.quickstart.corpora import (
+    DOMAINS,
+    SPLITS,
+    CorpusConfig,
+    make_math_problem,
+    parse_final_answer,
+    split_domain,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private cache root for the whole module (the tiny build is shared by the tests)."""
+    root = tmp_path_factory.mktemp("salm-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SALM_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def built(cache: Path) -> qb.QuickstartArtifacts:
+    return qb.build_quickstart_members(size="tiny", progress=False)
+
+
+def test_built_into_cache_folder(built: qb.QuickstartArtifacts, cache: Path) -> None:
+    assert not built.reused
+    assert built.root == cache / "quickstart" / f"tiny-{built.recipe_hash}"
+    assert built.root == qb.quickstart_dir(qb.recipe_for("tiny"))
+    assert not [p for p in built.root.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_members_load_and_share_one_tokenizer(built: qb.QuickstartArtifacts) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    vocabs = []
+    for member, folder in built.member_dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert model.config.model_type == "qwen2", member
+        assert model.config.vocab_size == len(tok)
+        assert tok.eos_token == qb.EOS_TOKEN and tok.pad_token == qb.PAD_TOKEN
+        assert model.generation_config.eos_token_id == tok.eos_token_id
+        digits = tok.convert_ids_to_tokens(tok("x = 1234", add_special_tokens=False)["input_ids"])
+        assert [t for t in digits if t.isdigit()] == ["1", "2", "3", "4"]  # one token per digit
+        vocabs.append(tok.get_vocab())
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
+def test_members_yaml(built: qb.QuickstartArtifacts) -> None:
+    doc = yaml.safe_load(built.members_file.read_text())
+    members = doc["members"]
+    assert [m["id"] for m in members] == ["general", "code", "math"]
+    for m in members:
+        assert not Path(m["path"]).is_absolute()
+        folder = built.members_file.parent / m["path"]
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+        assert re.fullmatch(r"\d+(\.\d)?[KM]", str(m["parameters"]))
+        assert m["name"] and m["task"]
+
+
+def test_data_files_schema_and_disjoint_splits(built: qb.QuickstartArtifacts) -> None:
+    for domain in (*DOMAINS, "mixed"):
+        questions = {}
+        for split in SPLITS:
+            rows = [json.loads(line) for line in built.data_files[domain][split].read_text().splitlines()]
+            assert rows, (domain, split)
+            assert all(set(r) == {"question", "answer", "domain"} and r["question"] and r["answer"] for r in rows)
+            if domain != "mixed":
+                assert {r["domain"] for r in rows} == {domain}
+            questions[split] = {r["question"] for r in rows}
+        assert not questions["train"] & questions["validation"], domain
+        assert not questions["train"] & questions["test"], domain
+        assert not questions["validation"] & questions["test"], domain
+
+
+def test_document_splits_are_disjoint_and_deterministic() -> None:
+    config = qb.recipe_for("tiny").corpus
+    for domain in DOMAINS:
+        parts = split_domain(domain, config)
+        ids = {s: {d.doc_id for d in parts[s]} for s in SPLITS}
+        assert all(ids[s] for s in SPLITS), domain
+        assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"]
+        assert not ids["validation"] & ids["test"]
+        again = split_domain(domain, dataclasses.replace(config))
+        assert {s: [d.doc_id for d in again[s]] for s in SPLITS} == {s: [d.doc_id for d in parts[s]] for s in SPLITS}
+
+
+def test_second_call_reuses_without_retraining(built: qb.QuickstartArtifacts) -> None:
+    weights = {m: (d / "model.safetensors").stat().st_mtime_ns for m, d in built.member_dirs.items()}
+    again = qb.build_quickstart_members(size="tiny", progress=False)
+    assert again.reused and again.root == built.root and again.recipe_hash == built.recipe_hash
+    assert {m: (d / "model.safetensors").stat().st_mtime_ns for m, d in again.member_dirs.items()} == weights
+
+
+def test_recipe_change_gives_another_cache_dir(cache: Path) -> None:
+    base = qb.recipe_for("tiny")
+    longer = dataclasses.replace(base, math=dataclasses.replace(base.math, steps=base.math.steps + 1))
+    other_corpus = dataclasses.replace(base, corpus=CorpusConfig(code_chars=100_000, math_problems=500))
+    dirs = {qb.quickstart_dir(r) for r in (base, longer, other_corpus, qb.recipe_for("tiny", seed=1))}
+    assert len(dirs) == 4
+    assert qb.quickstart_dir(base) == qb.quickstart_dir(qb.recipe_for("tiny"))  # stable
+    assert qb.recipe_hash(base) != qb.recipe_hash(dataclasses.replace(base, version=base.version + 1))
+
+
+def test_crashed_build_leaves_nothing_trusted(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = qb.recipe_for("tiny", seed=7)
+
+    def crash(tmp: Path, *args: object) -> None:
+        (tmp / "general").mkdir()
+        (tmp / "members.yaml").write_text("members: []\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qb, "_build_into", crash)
+    with pytest.raises(KeyboardInterrupt):
+        qb.build_quickstart_members(recipe=recipe, progress=False)
+    target = qb.quickstart_dir(recipe)
+    assert not target.exists()
+    assert not list(target.parent.glob(f".{target.name}.tmp-*"))
+
+
+def test_refuses_to_overwrite_a_foreign_out_dir(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        qb.build_quickstart_members(out_dir=tmp_path, size="tiny", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_math_solutions_are_arithmetically_correct() -> None:
+    rng = random.Random(123)
+    step = re.compile(r"^(\d+) ([+-]) (\d+) = (\d+)\.$")
+    for _ in range(2000):
+        p = make_math_problem(rng)
+        work, final = p.solution.split("\n")
+        parts = re.findall(r"\d+ [+-] \d+ = \d+\.", work)
+        assert " ".join(parts) == work and len(parts) == 2
+        previous = None
+        for part in parts:
+            a, op, b, c = step.match(part).groups()
+            assert eval(f"{a} {op} {b}") == int(c)  # noqa: S307 -- digits and one operator only
+            assert previous is None or int(a) == previous
+            assert int(b) < 10 and int(c) >= 0
+            assert b in p.question
+            previous = int(c)
+        assert final == f"#### {previous}" and parse_final_answer(p.solution) == previous == p.result
+        assert p.question.endswith("?") and str(p.result) not in p.question.split("?")[-1]
+
+
+def test_specialists_beat_general_on_their_domain(built: qb.QuickstartArtifacts) -> None:
+    report = json.loads(built.report_file.read_text())
+    nll = {m: r["nll"] for m, r in report["members"].items()}
+    assert nll["code"]["code"] < nll["general"]["code"]
+    assert nll["math"]["math"] < nll["general"]["math"]
+    assert report["recipe_hash"] == built.recipe_hash
+    assert all(report["eval"]["nll_examples"][d] > 0 for d in DOMAINS)
+    assert all(0.0 <= r["math_accuracy"] <= 1.0 for r in report["members"].values())
+
+
+def test_tokenize_example_matches_pipeline_rendering(built: qb.QuickstartArtifacts) -> None:
+    from transformers import AutoTokenizer
+
+    from salm.data.examples import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(built.member_dirs["general"])
+    q, a = "Tom has 3 apples and buys 4 more. How many apples does he have now?", "3 + 4 = 7.\n#### 7"
+    ids, n_prompt = qb.tokenize_example(tok, q, a, "math")
+    assert tok.decode(ids[:n_prompt]) == build_prompt(q)
+    assert ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[n_prompt:-1]) == "Reasoning: 3 + 4 = 7.\nTherefore, the answer is: 7"
