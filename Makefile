@@ -13,9 +13,11 @@ quickstart: install
 
 test: install
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q
 
 bench: install
 	$(PYTHON) benchmarks/bench_generation.py
 	$(PYTHON) benchmarks/bench_training.py
 	$(PYTHON) benchmarks/bench_memory.py
+	$(PYTHON) benchmarks/quickstart_ablations.py

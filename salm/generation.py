@@ -407,14 +407,19 @@ def stream(model, prompt: str, **kwargs) -> Iterator[TokenDecision]:
     error: list[BaseException] = []
     cancel = threading.Event()
 
-    def push(_row: int, decision: TokenDecision) -> None:
+    def put(item: object) -> bool:
+        """Queue ``item`` unless the consumer has gone; False when it has."""
         while not cancel.is_set():
             try:
-                q.put(decision, timeout=0.1)
-                return
+                q.put(item, timeout=0.1)
+                return True
             except queue.Full:
                 continue
-        raise _Cancelled
+        return False
+
+    def push(_row: int, decision: TokenDecision) -> None:
+        if not put(decision):
+            raise _Cancelled
 
     def work() -> None:
         try:
@@ -424,12 +429,7 @@ def stream(model, prompt: str, **kwargs) -> Iterator[TokenDecision]:
         except BaseException as e:  # noqa: BLE001 - re-raised on the consumer's thread
             error.append(e)
         finally:
-            while not cancel.is_set():
-                try:
-                    q.put(sentinel, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            put(sentinel)
 
     th = threading.Thread(target=work, daemon=True)
     th.start()
