@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The generation equivalences can be rerun on a GPU: SALM_TEST_DEVICE=cuda pytest tests/test_generation.py
+TEST_DEVICE = os.environ.get("SALM_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +37,7 @@ def tiny_infos(tmp_path_factory, tiny_tokenizer):
 def tiny_ensemble(tiny_infos):
     from salm.ensemble import MultiModelWithScalarHeads
 
-    return MultiModelWithScalarHeads(tiny_infos, device="cpu").eval()
+    return MultiModelWithScalarHeads(tiny_infos, device=TEST_DEVICE).eval()
 
 
 @pytest.fixture

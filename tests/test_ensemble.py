@@ -15,7 +15,9 @@ from salm.members import MemberError, ModelInfo, load_member_set, select_models
 def fresh(ens: MultiModelWithScalarHeads, seed: int = 0, **kw) -> MultiModelWithScalarHeads:
     """A new ensemble (new heads) over the already loaded members: cheap, and keeps tests independent."""
     torch.manual_seed(seed)
-    return MultiModelWithScalarHeads(ens.infos, device="cpu", members=ens.members, tokenizer=ens.tokenizer, **kw).eval()
+    return MultiModelWithScalarHeads(
+        ens.infos, device=ens.device, members=ens.members, tokenizer=ens.tokenizer, **kw
+    ).eval()
 
 
 def batch(ens, texts):

@@ -16,7 +16,7 @@ PROMPTS = [
 
 
 def _hf_greedy(member, tokenizer, prompt: str, n: int) -> list[int]:
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(member.device)
     out = member.generate(
         ids,
         attention_mask=torch.ones_like(ids),
