@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from salm.data import build_prompt
-    from salm.display import legend, print_decisions, use_colour
+    from salm.display import legend, member_shares, print_decisions, use_colour
 
     model = load_ensemble(args, args.weights)
     text = " ".join(args.prompt)
@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
         prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop,
     )  # fmt: skip
-    print_decisions(tokens, model.model_ids, sys.stdout, colour)
+    printed = print_decisions(tokens, model.model_ids, sys.stdout, colour)
+    if not printed:
+        print("(no tokens: the first token chosen was an end-of-sequence token)", file=sys.stderr)
+    else:
+        shares = member_shares(printed, model.model_ids)
+        print(", ".join(f"{m} {v:.0%}" for m, v in shares.items()) + f" of {len(printed)} tokens", file=sys.stderr)
     return 0
 
 

@@ -34,14 +34,18 @@ def print_decisions(
     model_ids: Sequence[str],
     stream: TextIO = sys.stdout,
     colour: bool | None = None,
-) -> None:
-    """Print tokens as they come, coloured by the member that emitted each (plain text when piped)."""
+) -> list[TokenDecision]:
+    """Print tokens as they come, coloured by the member that emitted each (plain text when piped);
+    returns the decisions printed."""
     colour = use_colour(stream) if colour is None else colour
     index = {m: i for i, m in enumerate(model_ids)}
+    seen = []
     for d in decisions:
         stream.write(ansi(d.token, index[d.member], colour))
         stream.flush()
+        seen.append(d)
     stream.write("\n")
+    return seen
 
 
 def member_shares(decisions: Sequence[TokenDecision], model_ids: Sequence[str]) -> dict[str, float]:
