@@ -55,6 +55,11 @@ class GenerationOutput:
             "decisions": [asdict(d) for d in self.decisions],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationOutput:
+        """Inverse of :meth:`to_dict` (evaluation stores finished generations to resume from)."""
+        return cls(d["text"], list(d["token_ids"]), [TokenDecision(**x) for x in d["decisions"]], d["stop_reason"])
+
 
 @dataclass(frozen=True)
 class Routing:

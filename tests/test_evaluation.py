@@ -252,6 +252,37 @@ def test_heads_forced_to_member_k_give_member_ks_predictions(tiny_ensemble, tmp_
     assert (tmp_path / "report.md").is_file() and (tmp_path / "evaluation_summary.json").is_file()
 
 
+def test_rerun_resumes_from_finished_generations(tiny_ensemble, tmp_path, monkeypatch):
+    ens = fresh(tiny_ensemble, seed=3)
+    arith = Task("arith", scorer=score_gsm8k_output)
+    settings = EvalSettings(max_new_tokens=5, temperature=0, batch_size=2, teacher_forced=False, **QUIET)
+    first = evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    stored = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "arith" / runner.GENERATIONS_DIR).iterdir())
+    assert stored == sorted([ENSEMBLE, *ens.model_ids])
+
+    calls = []
+    real = ens.generate
+    monkeypatch.setattr(ens, "generate", lambda *a, **kw: calls.append(kw["routing"]) or real(*a, **kw))
+    second = evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    assert calls == []  # everything was finished: nothing is generated again
+    assert second["datasets"]["arith"]["models"] == first["datasets"]["arith"]["models"]
+
+    # A model whose stored file is gone (the run was killed during it) is generated again, and only it.
+    next((tmp_path / "arith" / runner.GENERATIONS_DIR).glob(f"{ens.model_ids[1]}-*")).unlink()
+    evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    assert calls == [f"member:{ens.model_ids[1]}"]
+
+    # Other decoding settings or other heads are other generations.
+    calls.clear()
+    evaluate(ens, [(arith, _math_examples(3))], tmp_path, EvalSettings(**{**settings.__dict__, "max_new_tokens": 4}))
+    assert len(calls) == 1 + len(ens.model_ids)
+    calls.clear()
+    with torch.no_grad():
+        next(iter(ens.parameters())).add_(1.0)
+    evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    assert len(calls) == 1 + len(ens.model_ids)
+
+
 def test_unreachable_hub_names_the_flag(tiny_infos, tmp_path, monkeypatch, capsys):
     def offline(source, split=None, name=None, **_):
         raise DatasetUnavailableError(f"could not load {source!r} from the hub")

@@ -12,6 +12,7 @@ rate, log-likelihood multiple choice, decision patterns, teacher-forced NLLs, se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 CHOICE_MODES = ("generative", "loglik", "both")
 SUMMARY_NAME = "evaluation_summary.json"
+GENERATIONS_DIR = "generations"  # per task folder: each model's finished outputs, for resuming
 
 __all__ = [
     "CHOICE_MODES",
@@ -74,6 +76,7 @@ class EvalSettings:
     only_ensemble: bool = False
     choice_mode: str = "both"
     teacher_forced: bool = True
+    resume: bool = True
     save_examples: bool = False
     num_examples: int = 5
     plots: bool = True
@@ -262,31 +265,90 @@ def _generative_summary(task: Task, scores: Sequence[Mapping[str, Any]], outputs
     return summary
 
 
+def heads_fingerprint(model: Any) -> str:
+    """Hash of the routing heads' weights: stored generations are only reused with the same heads."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _generation_file(
+    model: Any, task: Task, prompts: list[str], name: str, settings: EvalSettings, out_dir: Path
+) -> Path:
+    """Where one model's generations for this task are kept, named by everything that decides them."""
+    key = {
+        "task": task.name,
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "stop": list(task.stop),
+        "routing": _routing(name, settings),
+        "decoding": [settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k],
+        "seed": settings.random_seed,
+        "batch_size": settings.batch_size,
+        "members": [[i.id, i.path, getattr(i, "revision", None)] for i in model.infos],
+        "heads": heads_fingerprint(model),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return out_dir / GENERATIONS_DIR / f"{name}-{digest}.jsonl"
+
+
+def _generate_or_reuse(
+    model: Any, task: Task, prompts: list[str], name: str, settings: EvalSettings, out_dir: Path
+) -> list[Any]:
+    """One model's outputs: read back when an earlier run with the same key finished them, else generated
+    and stored atomically (an interrupted run never leaves a partial file that a later run trusts)."""
+    from salm.generation import GenerationOutput
+
+    path = _generation_file(model, task, prompts, name, settings, out_dir)
+    if settings.resume and path.is_file():
+        try:
+            outputs = [GenerationOutput.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("%s: ignoring unreadable stored generations %s (%s)", task.name, path, e)
+        else:
+            if len(outputs) == len(prompts):
+                logger.info("%s: reusing %s's generations from %s", task.name, name, path)
+                if settings.progress:
+                    print(f"{task.name}: reusing {name}'s finished generations ({path})", file=sys.stderr)
+                return outputs
+    logger.info("%s: generating with %s (%d prompts)", task.name, name, len(prompts))
+    outputs = model.generate(
+        prompts,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        routing=_routing(name, settings),
+        stop=list(task.stop),
+        seed=settings.random_seed,
+        batch_size=settings.batch_size,
+        truncate="left",
+        return_outputs=True,
+        progress=settings.progress,
+    )
+    atomic_write_text(path, "".join(json.dumps(o.to_dict(), ensure_ascii=False) + "\n" for o in outputs))
+    return outputs
+
+
 def _run_generative(
-    model: Any, task: Task, examples: list[Example], prompts: list[str], names: list[str], settings: EvalSettings
+    model: Any,
+    task: Task,
+    examples: list[Example],
+    prompts: list[str],
+    names: list[str],
+    settings: EvalSettings,
+    out_dir: Path,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
     """Generate with every model on the same prompts; (per-model summaries, prediction rows, decision
-    patterns of the ensemble, HTML items)."""
+    patterns of the ensemble, HTML items). Each model's finished generations are stored, so a rerun of an
+    interrupted evaluation resumes at the first model that had not finished."""
     summaries: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     ensemble_members: list[list[str]] = []
     html: list[dict[str, Any]] = []
     for name in names:
-        logger.info("%s: generating with %s (%d prompts)", task.name, name, len(prompts))
-        outputs = model.generate(
-            prompts,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k,
-            routing=_routing(name, settings),
-            stop=list(task.stop),
-            seed=settings.random_seed,
-            batch_size=settings.batch_size,
-            truncate="left",
-            return_outputs=True,
-            progress=settings.progress,
-        )
+        outputs = _generate_or_reuse(model, task, prompts, name, settings, out_dir)
         scores = []
         for i, (ex, out) in enumerate(zip(examples, outputs)):
             score = dict(task.scorer(out.text, ex))
@@ -419,7 +481,7 @@ def evaluate_task(
     improvement: dict[str, Any] = {}
 
     if do_gen:
-        gen, rows, patterns, html = _run_generative(model, task, examples, prompts, names, settings)
+        gen, rows, patterns, html = _run_generative(model, task, examples, prompts, names, settings, out_dir)
         predictions += rows
         for name in names:
             models[name]["generative"] = gen[name]
@@ -594,6 +656,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--split", default=None, help="dataset split (default: each task's evaluation split)")
     parser.add_argument("--no_teacher_forced", action="store_true", help="skip NLL/oracle metrics on gold answers")
+    parser.add_argument(
+        "--no_resume",
+        action="store_true",
+        help=f"regenerate everything (default: reuse each model's finished outputs in <dataset>/{GENERATIONS_DIR}/ "
+        "when prompts, decoding settings, members and heads are unchanged)",
+    )
     add_model_arguments(parser)
 
 
@@ -666,6 +734,7 @@ def run(args: argparse.Namespace) -> int:
             only_ensemble=args.only_ensemble,
             choice_mode=args.medqa_mode,
             teacher_forced=not args.no_teacher_forced,
+            resume=not args.no_resume,
             save_examples=args.save_examples,
             num_examples=args.num_examples,
             plots=not args.no_plots,
