@@ -166,8 +166,9 @@ def _validate(prompts: list[str], max_new_tokens: int, temperature: float, top_p
             raise GenerationError(f"prompt {i} is {type(p).__name__}, not a string")
 
 
-def encode_prompts(model, prompts: list[str], truncate: str | None = None) -> list[list[int]]:
-    """Token ids per prompt; a prompt beyond the smallest member context is an error unless truncate='left'."""
+def encode_prompts(model, prompts: list[str], truncate: str | None = None, room: int = 1) -> list[list[int]]:
+    """Token ids per prompt; a prompt beyond the smallest member context is an error unless truncate='left',
+    which keeps the prompt's last tokens, leaving ``room`` positions for generation (as lm-eval does)."""
     if truncate not in (None, "left"):
         raise GenerationError(f"truncate must be None or 'left', got {truncate!r}")
     ctx = model.context_length
@@ -187,7 +188,7 @@ def encode_prompts(model, prompts: list[str], truncate: str | None = None) -> li
                     f"prompt {i} has {len(ids)} tokens; member {who!r} reads at most {ctx} "
                     "(pass truncate='left' to keep the prompt's end)"
                 )
-            ids = ids[-(ctx - 1) :]
+            ids = ids[-max(1, ctx - room) :]
         encoded.append(ids)
     return encoded
 
@@ -286,7 +287,7 @@ def generate(
     _validate(prompts, max_new_tokens, temperature, top_p, top_k)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     rt = parse_routing(routing, model.model_ids)
-    encoded = encode_prompts(model, prompts, truncate)
+    encoded = encode_prompts(model, prompts, truncate, room=max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)

@@ -145,8 +145,20 @@ def test_bad_input(tiny_ensemble, kwargs, message):
 
 
 def test_left_truncation_when_asked(tiny_ensemble):
-    out = tiny_ensemble.generate("word " * 300, max_new_tokens=3, temperature=0, truncate="left", return_outputs=True)
-    assert out.stop_reason in ("length", "context", "eos")
+    """The prompt's end is kept, leaving room for max_new_tokens: the same as generating from those ids."""
+    from salm.generation import encode_prompts
+
+    long = "word " * 300
+    ctx = tiny_ensemble.context_length
+    kept = encode_prompts(tiny_ensemble, [long], truncate="left", room=3)[0]
+    assert kept == tiny_ensemble.tokenizer(long)["input_ids"][-(ctx - 3) :]
+    out = tiny_ensemble.generate(long, max_new_tokens=3, temperature=0, truncate="left", return_outputs=True)
+    assert out.stop_reason != "context" and (len(out.token_ids) == 3 or out.stop_reason == "eos")
+    ref = _hf_greedy(tiny_ensemble.members[0], tiny_ensemble.tokenizer, tiny_ensemble.tokenizer.decode(kept), 3)
+    forced = tiny_ensemble.generate(
+        long, max_new_tokens=3, temperature=0, truncate="left", routing="member:tiny-0", return_outputs=True
+    )
+    assert forced.token_ids == ref[: len(forced.token_ids)]
 
 
 def test_parse_routing_alias():
