@@ -288,6 +288,30 @@ def test_wandb_gets_the_seed_metric_names(setup, tmp_path, monkeypatch):
         train(config(setup, tmp_path / "y", report_to="tensorboard"), model=fresh(setup))
 
 
+def test_tensorboard_gets_the_same_scalars(setup, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is an optional extra (pip install salm[tensorboard])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train(config(setup, out, num_epochs=1, report_to="tensorboard"), model=fresh(setup))
+    events = [p for p in out.rglob("events.out.tfevents.*")]
+    assert events, "no event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for k in (
+        "train/loss",
+        "train/perplexity",
+        "train/learning_rate",
+        "val/loss",
+        "val/model_activation_percent/tiny-1",
+    ):
+        assert k in tags, k
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last_val = [r for r in logged if "val/loss" in r][-1]
+    assert acc.Scalars("val/loss")[-1].value == pytest.approx(last_val["val/loss"], rel=1e-6)
+
+
 def test_cli_matches_the_seed_command(setup, tmp_path):
     members = tmp_path / "members.yaml"
     members.write_text("".join(f"- id: {m.id}\n  path: {m.path}\n" for m in setup.infos))
