@@ -360,3 +360,14 @@ def test_two_processes_shard_extraction_and_train_with_ddp(setup, tmp_path):
     one_cache = tmp_path / "one" / "feature_cache" / ddp_cache.name
     for f in ("gold.bin", "hidden_0.bin", "hidden_2.bin", "offsets.bin"):
         assert (ddp_cache / f).read_bytes() == (one_cache / f).read_bytes(), f
+
+
+def test_wandb_offline_run_for_real(setup, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (pip install salm[wandb])")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    train(config(setup, out, num_epochs=1, report_to="wandb"), model=fresh(setup))
+    run_id = (out / "wandb_run_id.txt").read_text().strip()
+    runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
