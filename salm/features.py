@@ -73,7 +73,9 @@ class TokenizedSplit:
     labels: list[list[int]]
     datasets: list[str]
     example_ids: list[str]
-    dropped: dict[str, int] = field(default_factory=dict)  # dataset -> examples with no answer token left
+    # dataset -> examples whose prompt lost its start / whose answer lost its end to fit max_length
+    prompts_truncated: dict[str, int] = field(default_factory=dict)
+    answers_truncated: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -99,12 +101,16 @@ class TokenizedSplit:
 def tokenize_examples(
     examples: Sequence[Any], tokenizer: Any, max_length: int, loss_on: str, name: str
 ) -> TokenizedSplit:
-    """``tokenizer(prompt) + tokenizer(answer) + [eos]``, truncated to ``max_length``.
+    """``tokenizer(prompt) + tokenizer(answer) + [eos]``, fitted into ``max_length``.
 
     Prompt and answer are tokenized apart and concatenated so the prompt/answer boundary is exact (the
     prompt is tokenized the way generation tokenizes it). ``loss_on="answer"`` labels the answer tokens
-    and EOS only (what generation routes); ``"all"`` labels every token (the seed's behaviour). Examples
-    with no answer token left after truncation are dropped and counted per dataset in ``dropped``.
+    and EOS only (what generation routes); ``"all"`` labels every token (the seed's behaviour).
+
+    Too long an example loses the *start of its prompt* (a BOS token is kept), as generation and
+    evaluation truncate prompts, so the answer the heads learn to route is kept whole; only an answer
+    that alone exceeds ``max_length - 1`` tokens loses its end. Both are counted per dataset (the seed cut
+    from the right, which dropped the final answer of long MedQA questions).
     """
     if loss_on not in ("answer", "all"):
         raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
@@ -114,29 +120,28 @@ def tokenize_examples(
     if eos is None:
         raise TokenizationError("the members' tokenizer has no EOS token; training targets end with EOS")
     examples = list(examples)
-    prompts = tokenizer([ex.prompt for ex in examples])["input_ids"] if examples else []
-    answers = tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"] if examples else []
-    out = TokenizedSplit(name, [], [], [], [], {})
+    if not examples:
+        raise TokenizationError(f"the {name} split has no usable example: it is empty")
+    prompts = tokenizer([ex.prompt for ex in examples])["input_ids"]
+    answers = tokenizer([ex.answer for ex in examples], add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    out = TokenizedSplit(name, [], [], [], [])
     for ex, p, a in zip(examples, prompts, answers):
-        if len(p) >= max_length:
-            out.dropped[ex.dataset] = out.dropped.get(ex.dataset, 0) + 1
-            continue
-        ids = (list(p) + list(a) + [eos])[:max_length]
-        labels = list(ids) if loss_on == "all" else [-100] * len(p) + ids[len(p) :]
+        p, a = list(p), list(a) + [eos]
+        if len(a) > max_length - 1:
+            a = a[: max_length - 1]
+            out.answers_truncated[ex.dataset] = out.answers_truncated.get(ex.dataset, 0) + 1
+        room = max_length - len(a)
+        if len(p) > room:
+            keep_bos = bos is not None and p[0] == bos and room > 1
+            p = ([bos] if keep_bos else []) + p[len(p) - (room - keep_bos) :]
+            out.prompts_truncated[ex.dataset] = out.prompts_truncated.get(ex.dataset, 0) + 1
+        ids = p + a
+        labels = list(ids) if loss_on == "all" else [-100] * len(p) + a
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.datasets.append(ex.dataset)
         out.example_ids.append(ex.id)
-    if not out.input_ids:
-        total = len(examples)
-        raise TokenizationError(
-            f"the {name} split has no usable example: "
-            + (
-                f"all {total} prompts are at least max_length={max_length} tokens long; raise --max_length"
-                if total
-                else "it is empty"
-            )
-        )
     return out
 
 

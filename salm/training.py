@@ -522,10 +522,16 @@ def train(
     val_tok = tokenize_examples(data.val, model.tokenizer, max_length, cfg.loss_on, "val")
     timing["tokenize_s"] = time.perf_counter() - t
     for s in (train_tok, val_tok):
-        if s.dropped and main:
+        if s.prompts_truncated and main:
             print(
-                f"dropped {sum(s.dropped.values())} {s.name} example(s) with no answer token within "
-                f"max_length={max_length}: {s.dropped}",
+                f"{s.name}: {sum(s.prompts_truncated.values())} of {len(s)} prompts lost their start to fit "
+                f"max_length={max_length} (answers kept whole): {s.prompts_truncated}",
+                file=sys.stderr,
+            )
+        if s.answers_truncated and main:
+            print(
+                f"{s.name}: {sum(s.answers_truncated.values())} of {len(s)} answers alone exceed max_length="
+                f"{max_length} and lost their end: {s.answers_truncated}; raise --max_length",
                 file=sys.stderr,
             )
 
@@ -730,7 +736,8 @@ def _split_report(s: TokenizedSplit) -> dict[str, Any]:
     return {
         "examples": len(s),
         "per_dataset": s.counts(),
-        "dropped": dict(s.dropped),
+        "prompts_truncated": dict(s.prompts_truncated),
+        "answers_truncated": dict(s.answers_truncated),
         "loss_positions": sum(s.n_positions),
     }
 

@@ -110,25 +110,40 @@ def test_answer_labels_are_exactly_answer_tokens_and_eos(tiny_tokenizer):
     assert s.n_positions == [len(a) + 1]
     s_all = tokenize_examples([ex], tiny_tokenizer, 256, "all", "train")
     assert s_all.labels[0] == p + a + [eos]
-    cut = tokenize_examples([ex], tiny_tokenizer, len(p) + 2, "answer", "train")
-    assert cut.labels[0] == [-100] * len(p) + a[:2]
+    # Too long: the prompt loses its start, the answer stays whole.
+    cut = tokenize_examples([ex], tiny_tokenizer, len(a) + 3, "answer", "train")
+    assert cut.input_ids[0] == p[-2:] + a + [eos] and cut.labels[0] == [-100] * 2 + a + [eos]
+    assert cut.prompts_truncated == {"d": 1} and not cut.answers_truncated
+    # An answer longer than max_length - 1 keeps its start after one prompt token.
+    tiny = tokenize_examples([ex], tiny_tokenizer, 4, "answer", "train")
+    assert tiny.input_ids[0] == p[-1:] + a[:3] and tiny.answers_truncated == {"d": 1}
 
 
-def test_examples_without_answer_tokens_are_dropped_and_empty_is_an_error(tiny_tokenizer):
-    short = Example("d/0", "short", "Hi?", "yes")
+def test_long_prompts_keep_bos_and_empty_is_an_error(tiny_tokenizer):
+    class WithBos:
+        """The tiny tokenizer, but adding a BOS to prompts as Llama's tokenizers do."""
+
+        eos_token_id, bos_token_id = tiny_tokenizer.eos_token_id, 7
+
+        def __call__(self, texts, add_special_tokens=True):
+            ids = tiny_tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return {"input_ids": [([7] if add_special_tokens else []) + x for x in ids]}
+
     long = Example("d/1", "long", "word " * 40, "no")
-    n_prompt = len(tiny_tokenizer(long.prompt)["input_ids"])
-    s = tokenize_examples([short, long], tiny_tokenizer, n_prompt, "answer", "train")
-    assert s.datasets == ["short"] and s.dropped == {"long": 1}
-    with pytest.raises(TokenizationError, match="max_length"):
-        tokenize_examples([long], tiny_tokenizer, n_prompt, "answer", "val")
+    s = tokenize_examples([long], WithBos(), 12, "answer", "train")
+    assert s.input_ids[0][0] == 7 and len(s.input_ids[0]) == 12 and s.prompts_truncated == {"long": 1}
+    full = WithBos()([long.prompt])["input_ids"][0]
+    n_answer = len(tiny_tokenizer("no", add_special_tokens=False)["input_ids"]) + 1  # + EOS
+    assert s.input_ids[0][1:-n_answer] == full[-(12 - 1 - n_answer) :]  # BOS, the prompt's end, answer, EOS
     with pytest.raises(TokenizationError, match="empty"):
         tokenize_examples([], tiny_tokenizer, 64, "answer", "val")
 
 
-def test_unusable_data_is_a_clear_error(setup, tmp_path):
-    with pytest.raises(TokenizationError, match="raise --max_length"):
-        train(config(setup, tmp_path, max_length=4), model=fresh(setup))
+def test_unusable_data_is_a_clear_error(setup, tmp_path, capsys):
+    result = train(config(setup, tmp_path / "short", max_length=8), model=fresh(setup))  # truncated, not dropped
+    tokenized = result.report["data"]["tokenized"]["train"]
+    assert tokenized["examples"] == 18 and sum(tokenized["prompts_truncated"].values()) == 18
+    assert "prompts lost their start to fit max_length=8 (answers kept whole)" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataFormatError, match="no rows"):
