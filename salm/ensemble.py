@@ -54,6 +54,8 @@ _SPLIT_SAFE = {
     "olmo2",
     "smollm3",
 }
+# LM-head rows projected at once for gold log-probs (bounds the [rows, V] fp32 buffer to ~256 MB).
+_LOGIT_ELEMENTS = 1 << 26
 
 
 class WeightsError(ValueError):
@@ -162,6 +164,11 @@ class MultiModelWithScalarHeads(nn.Module):
     def member_device(self, i: int) -> torch.device:
         return next(self.members[i].parameters()).device
 
+    def _split_head(self, i: int) -> bool:
+        """Whether member ``i``'s decoder and LM head can run apart (see ``_SPLIT_SAFE``)."""
+        m = self.members[i]
+        return m.config.model_type in _SPLIT_SAFE and getattr(m, "base_model", m) is not m
+
     def run_member(
         self,
         i: int,
@@ -184,7 +191,7 @@ class MultiModelWithScalarHeads(nn.Module):
             kw[self._cache_kwarg[i]] = cache
         sl = logits_positions if logits_positions is not None else slice(None)
         with torch.no_grad():
-            if model.config.model_type in _SPLIT_SAFE and getattr(model, "base_model", model) is not model:
+            if self._split_head(i):
                 out = model.base_model(**kw)
                 hidden = out.last_hidden_state
                 logits = model.get_output_embeddings()(hidden[:, sl])
@@ -211,6 +218,50 @@ class MultiModelWithScalarHeads(nn.Module):
             hidden.append(h)
             logits.append(lg)
         return MemberOutputs(hidden, logits)
+
+    def gold_logprobs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Every member's final hidden states ``[B, L, H_m]``, its log-prob of the gold next token ``[B, L, M]``
+        (0 where there is none) and where there is one, ``mask`` ``[B, L]``.
+
+        ``labels`` follow Hugging Face's convention (aligned with ``input_ids``, -100 = ignored; position t
+        carries log p_m(labels[t + 1])). Only the labelled rows go through the LM head, in chunks, so no
+        ``[B, L, V]`` logits are materialised for members whose head runs apart (all common decoders).
+        """
+        labels = labels.to(self.device)
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        mask = nxt != -100
+        targets = nxt[mask]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden, gold = [], []
+        for i, member in enumerate(self.members):
+            split = self._split_head(i)
+            h, logits, _ = self.run_member(
+                i, input_ids, attention_mask, position_ids, None, slice(0, 0) if split else None
+            )
+            if split:
+                h_sel, dev = h[mask], self.member_device(i)
+                head = member.get_output_embeddings()
+                rows = max(1, _LOGIT_ELEMENTS // self.vocab_size)
+                parts = []
+                with torch.no_grad():
+                    for s in range(0, h_sel.shape[0], rows):
+                        lg = head(h_sel[s : s + rows].to(dev))[..., : self.vocab_size].float()
+                        t = targets[s : s + rows].to(dev)
+                        parts.append(
+                            (lg.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)).to(self.device)
+                        )
+                g = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+            else:
+                lg = logits[mask]
+                g = lg.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)
+            full = torch.zeros(mask.shape, device=self.device)
+            full[mask] = g.float()
+            hidden.append(h)
+            gold.append(full)
+        return hidden, torch.stack(gold, dim=-1), mask
 
     # ------------------------------------------------------------------ heads
     def router_logits(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -239,22 +290,19 @@ class MultiModelWithScalarHeads(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mo = self.member_outputs(input_ids, attention_mask)
-        router_logits = self.router_logits(mo.hidden_states)
-        out = EnsembleOutput(
-            router_logits=router_logits, hidden_states=mo.hidden_states if return_hidden_states else None
-        )
         if labels is None:
+            mo = self.member_outputs(input_ids, attention_mask)
+            out = EnsembleOutput(
+                router_logits=self.router_logits(mo.hidden_states),
+                hidden_states=mo.hidden_states if return_hidden_states else None,
+            )
             out.logprobs = torch.stack([F.log_softmax(lg, dim=-1) for lg in mo.logits], dim=2)
             return out
-        labels = labels.to(self.device)
-        nxt = torch.full_like(labels, -100)
-        nxt[:, :-1] = labels[:, 1:]
-        mask = nxt != -100
-        safe = nxt.clamp(min=0).unsqueeze(-1)
-        gold = [lg.gather(-1, safe).squeeze(-1) - torch.logsumexp(lg, dim=-1) for lg in mo.logits]
-        out.gold_logprobs = torch.stack(gold, dim=-1).masked_fill(~mask.unsqueeze(-1), 0.0)
-        out.loss_mask = mask
+        hidden, gold, mask = self.gold_logprobs(input_ids, attention_mask, labels)
+        out = EnsembleOutput(
+            router_logits=self.router_logits(hidden), hidden_states=hidden if return_hidden_states else None
+        )
+        out.gold_logprobs, out.loss_mask = gold, mask
         return out
 
     # ------------------------------------------------------------------ generation

@@ -45,8 +45,6 @@ MANIFEST = "manifest.json"
 # CPUs run fastest on cache-sized batches (measured: 2048 tokens ~1.6x faster than 16384); accelerators on big ones.
 EXTRACT_BATCH_TOKENS = {"cpu": 2048, "default": 16384}
 EXTRACT_MAX_BATCH = 64
-# lm_head rows projected at once when computing gold log-probs (bounds the [rows, V] fp32 buffer to ~256 MB).
-_LOGIT_ELEMENTS = 1 << 26
 
 _STORAGE = {  # member dtype -> (numpy dtype on disk, torch dtype to view the loaded bits as)
     torch.float32: (np.float32, torch.float32),
@@ -165,43 +163,11 @@ def compute_features(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Each member's final hidden state ``[P, H_m]`` and gold log-prob ``[P, M]`` at the batch's loss positions.
 
-    Positions come example-major, then in text order (the order of ``mask.nonzero()``); position t's
-    target is ``labels[t + 1]``, as in :meth:`MultiModelWithScalarHeads.forward`. Only the P loss rows go
-    through the LM head, and only their logsumexp is kept: no ``[B, L, V]`` logits are materialised for
-    architectures whose LM head can be split off (all common decoders).
+    Positions come example-major, then in text order (the order of ``mask.nonzero()``), as in
+    :meth:`MultiModelWithScalarHeads.gold_logprobs`, which computes them.
     """
-    from salm.ensemble import _SPLIT_SAFE
-
-    nxt = torch.full_like(labels, -100)
-    nxt[:, :-1] = labels[:, 1:]
-    sel = nxt != -100
-    targets = nxt[sel]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    hidden, gold = [], []
-    for i, member in enumerate(model.members):
-        split = member.config.model_type in _SPLIT_SAFE and getattr(member, "base_model", member) is not member
-        h, logits, _ = model.run_member(
-            i, input_ids, attention_mask, position_ids, None, slice(0, 0) if split else None
-        )
-        h_sel = h[sel.to(h.device)]
-        if split:
-            dev = model.member_device(i)
-            head = member.get_output_embeddings()
-            rows = max(1, _LOGIT_ELEMENTS // model.vocab_size)
-            parts = []
-            with torch.no_grad():
-                for s in range(0, h_sel.shape[0], rows):
-                    lg = head(h_sel[s : s + rows].to(dev))[..., : model.vocab_size].float()
-                    t = targets[s : s + rows].to(dev)
-                    parts.append((lg.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)).to(model.device))
-            g = torch.cat(parts) if parts else torch.zeros(0, device=model.device)
-        else:
-            lg = logits[sel.to(logits.device)]
-            t = targets.to(lg.device)
-            g = lg.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)
-        hidden.append(h_sel)
-        gold.append(g.float().to(model.device))
-    return hidden, torch.stack(gold, dim=-1)
+    hidden, gold, mask = model.gold_logprobs(input_ids, attention_mask, labels)
+    return [h[mask] for h in hidden], gold[mask]
 
 
 def member_dtypes(model: Any) -> list[torch.dtype]:
