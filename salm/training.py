@@ -49,6 +49,7 @@ from salm.features import (
 )
 from salm.io import atomic_write, atomic_write_json, atomic_write_text
 from salm.loss import perfect_alignment_loss
+from salm.plotting import figure, save_png
 
 DEFAULT_DATASETS = ["cola13/gsm8k_formatted", "cola13/medqa_formatted", "cola13/boolq_formatted"]
 CHECKPOINT = "checkpoint_last.pt"
@@ -759,19 +760,9 @@ def _routing_from(rec: dict[str, Any] | None, ids: list[str]) -> dict[str, dict[
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def _figure(width: float = 7.0, height: float = 4.0):
-    """A figure on the Agg canvas, without touching pyplot's global backend."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> None:
     """Train and validation NLL (the mixture's, what the loss minimises besides entropy) per step."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     tr = [(r["step"], r["train/nll"]) for r in records if "train/nll" in r]
     va = [(r["step"], r["val/nll"]) for r in records if "val/nll" in r]
@@ -784,12 +775,12 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    save_png(fig, path)
 
 
 def plot_routing_share(routing: dict[str, dict[str, float]], ids: list[str], path: Path) -> None:
     """Share of validation positions routed (argmax) to each member, per dataset."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     names = sorted(routing)
     width = 0.8 / max(len(ids), 1)
@@ -801,4 +792,4 @@ def plot_routing_share(routing: dict[str, dict[str, float]], ids: list[str], pat
     ax.set_ylim(0, 1)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    save_png(fig, path)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from salm.display import member_colour
-from salm.io import atomic_write, atomic_write_text
+from salm.io import atomic_write_text
+from salm.plotting import figure, save_png
 
 __all__ = ["render_report", "write_examples_html", "write_plots"]
 
@@ -26,20 +27,17 @@ def _colour(name: str, members: Sequence[str]) -> str:
     return member_colour(members, name) if name in members else ENSEMBLE_COLOUR
 
 
-def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
+def _subplots(width: float, height: float) -> tuple[Any, Any]:
+    fig = figure(width, height)
+    return fig, fig.add_subplot()
 
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    plt.close(fig)
+
+def _save(fig: Any, path: Path) -> None:
+    save_png(fig, path, bbox_inches="tight")
 
 
 def write_plots(summary: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:
     """Accuracy with Wilson error bars, routing shares and teacher-forced NLLs; returns {plot: file name}."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     members = list(summary["settings"]["members"])
     datasets = summary["datasets"]
@@ -49,7 +47,7 @@ def write_plots(summary: Mapping[str, Any], out_dir: str | Path) -> dict[str, st
     acc_sets = [d for d, r in datasets.items() if any("accuracy" in e for e in r["models"].values())]
     if acc_sets:
         models = list(summary["models"])
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(acc_sets) * len(models) / 2), 4))
+        fig, ax = _subplots(max(5.0, 1.6 * len(acc_sets) * len(models) / 2), 4)
         width = 0.8 / len(models)
         for j, name in enumerate(models):
             xs, ys, lo, hi = [], [], [], []
@@ -79,7 +77,7 @@ def write_plots(summary: Mapping[str, Any], out_dir: str | Path) -> dict[str, st
     # Share of generated tokens per member (ensemble generation).
     share_sets = [d for d, r in datasets.items() if r.get("decision_patterns", {}).get("tokens")]
     if share_sets:
-        fig, ax = plt.subplots(figsize=(6, 0.6 * len(share_sets) + 1.5))
+        fig, ax = _subplots(6, 0.6 * len(share_sets) + 1.5)
         left = [0.0] * len(share_sets)
         for m in members:
             vals = [datasets[d]["decision_patterns"]["share"].get(m, 0.0) for d in share_sets]
@@ -97,7 +95,7 @@ def write_plots(summary: Mapping[str, Any], out_dir: str | Path) -> dict[str, st
     if nll_sets:
         bars = [*members, "ensemble", "argmax routing", "oracle"]
         colours = [member_colour(members, m) for m in members] + [ENSEMBLE_COLOUR, ROUTED_COLOUR, ORACLE_COLOUR]
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(nll_sets) * len(bars) / 3), 4))
+        fig, ax = _subplots(max(5.0, 1.4 * len(nll_sets) * len(bars) / 3), 4)
         width = 0.8 / len(bars)
         for j, (name, colour) in enumerate(zip(bars, colours)):
             ys = []
