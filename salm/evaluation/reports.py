@@ -16,7 +16,7 @@ from salm.display import member_colour
 from salm.io import atomic_write_text
 from salm.plotting import figure, save_png
 
-__all__ = ["render_report", "write_examples_html", "write_plots"]
+__all__ = ["example_item", "render_report", "write_examples_html", "write_plots"]
 
 ENSEMBLE_COLOUR = "#333333"
 ROUTED_COLOUR = "#777777"
@@ -126,6 +126,20 @@ _CONTROL_PICTURES = {c: 0x2400 + c for c in range(32) if chr(c) not in "\t\n"} |
 
 def _visible(text: str) -> str:
     return html.escape(str(text).translate(_CONTROL_PICTURES))
+
+
+def example_item(dataset: str, example: Any, score: Mapping[str, Any], decisions: Sequence[Any]) -> dict[str, Any]:
+    """One entry of the examples page: the example, its score (empty when free text is not scored) and the
+    generated tokens' decisions."""
+    return {
+        "dataset": dataset,
+        "id": example.id,
+        "question": example.question,
+        "gold": score.get("gold"),
+        "answer": score.get("answer"),
+        "correct": score.get("correct"),
+        "tokens": [(d.token, d.member, d.routing_probs) for d in decisions],
+    }
 
 
 def write_examples_html(items: Sequence[Mapping[str, Any]], model_ids: Sequence[str], path: str | Path) -> Path:

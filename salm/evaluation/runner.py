@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from salm.data import DATASETS, DataFormatError, DatasetUnavailableError, Example, load_examples
+from salm.evaluation import reports
 from salm.evaluation.analysis import (
     decision_patterns,
     kept_decisions,
@@ -372,17 +373,7 @@ def _run_generative(
             if name == ENSEMBLE:
                 ensemble_members.append([d.member for d in kept])
                 if settings.save_examples and i < settings.num_examples:
-                    html.append(
-                        {
-                            "dataset": task.name,
-                            "id": ex.id,
-                            "question": ex.question,
-                            "gold": score.get("gold"),
-                            "answer": score.get("answer"),
-                            "correct": score["correct"],
-                            "tokens": [(d.token, d.member, d.routing_probs) for d in kept],
-                        }
-                    )
+                    html.append(reports.example_item(task.name, ex, score, kept))
         summaries[name] = _generative_summary(task, scores, outputs)
         logger.info("%s: %s accuracy %.3f", task.name, name, summaries[name]["accuracy"])
     patterns = decision_patterns(ensemble_members, model.model_ids) if ensemble_members else {}
@@ -567,8 +558,6 @@ def evaluate(
     output file under ``output_dir`` and returns the summary (also ``evaluation_summary.json``).
     """
     from tqdm.auto import tqdm
-
-    from salm.evaluation import reports
 
     settings = settings or EvalSettings()
     settings.validate()

@@ -369,33 +369,37 @@ def train_lm(
 # Evaluation
 
 
-def tokenize_example(tokenizer, question: str, answer: str, domain: str = "quickstart") -> tuple[list[int], int]:
-    """``tokenizer(prompt) + tokenizer(answer) + [eos]`` of the rendered example, and the prompt's length.
+_NO_LIMIT = 1 << 30  # held-out examples are scored whole
 
-    The same layout as the pipeline's head training (:mod:`salm.features`), so the NLLs here are the
-    numbers the routing heads will see.
-    """
-    prompt, target = render_example(question, answer, domain)
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    a = tokenizer(target, add_special_tokens=False)["input_ids"]
-    return list(p) + list(a) + [tokenizer.eos_token_id], len(p)
+
+def _tokenized(tokenizer, pairs: list[tuple[str, str]], domain: str):
+    """(question, answer) pairs as the pipeline's head training tokenizes them (:mod:`salm.features`)."""
+    from salm.data.formats import row_to_example
+    from salm.features import tokenize_examples
+
+    examples = [
+        row_to_example({"question": q, "answer": a}, dataset=domain, split="test", index=i)
+        for i, (q, a) in enumerate(pairs)
+    ]
+    return tokenize_examples(examples, tokenizer, _NO_LIMIT, "answer", domain)
+
+
+def tokenize_example(tokenizer, question: str, answer: str, domain: str = "quickstart") -> tuple[list[int], int]:
+    """``tokenizer(prompt) + tokenizer(answer) + [eos]`` of the rendered example, and the prompt's length:
+    exactly the pipeline's layout, so the NLLs here are the numbers the routing heads will see."""
+    split = _tokenized(tokenizer, [(question, answer)], domain)
+    return split.input_ids[0], split.labels[0].count(-100)
 
 
 @torch.no_grad()
 def answer_nll(model, tokenizer, pairs: list[tuple[str, str]], domain: str, batch_size: int = 16) -> float:
     """Mean negative log-likelihood per answer token (EOS included) given the rendered prompt."""
+    from salm.features import collate
+
+    split = _tokenized(tokenizer, pairs, domain)
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id
-    for i in range(0, len(pairs), batch_size):
-        chunk = [tokenize_example(tokenizer, q, a, domain) for q, a in pairs[i : i + batch_size]]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (seq, n_prompt) in enumerate(chunk):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            labels[r, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
-            mask[r, : len(seq)] = 1
+    for i in range(0, len(split), batch_size):
+        ids, mask, labels = collate(split, range(i, min(i + batch_size, len(split))), tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
@@ -456,7 +460,8 @@ def _write_members_yaml(path: Path, params: dict[str, int]) -> None:
 # Build
 
 
-def _say(message: str, progress: bool) -> None:
+def say(message: str, progress: bool) -> None:
+    """A quickstart progress line: logged, and shown on stderr unless ``progress`` is off."""
     logger.info(message)
     if progress:
         print(f"[salm quickstart] {message}", file=sys.stderr, flush=True)
@@ -484,7 +489,7 @@ def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
     streams = [_token_stream(tokenizer, train_texts[d]) for d in DOMAINS]
     timings["tokenizer_and_data"] = time.perf_counter() - t0
     sizes = {d: len(s) for d, s in zip(DOMAINS, streams)}
-    _say(f"tokenizer: {len(tokenizer)} tokens; training tokens {sizes}", progress)
+    say(f"tokenizer: {len(tokenizer)} tokens; training tokens {sizes}", progress)
 
     shape = recipe.model
     config = Qwen2Config(
@@ -646,7 +651,7 @@ def build_quickstart_members(
     digest = recipe_hash(recipe)
     target = Path(out_dir).expanduser() if out_dir is not None else quickstart_dir(recipe)
     if _is_complete(target, digest):
-        _say(f"reusing cached {recipe.size} members (recipe {digest}) at {target}", progress)
+        say(f"reusing cached {recipe.size} members (recipe {digest}) at {target}", progress)
         return _artifacts(target, digest, reused=True)
     foreign = target.exists() and any(target.iterdir()) and not (target / COMPLETE_MARKER).exists()
     if out_dir is not None and foreign:
@@ -656,7 +661,7 @@ def build_quickstart_members(
     _clean_stale_temporaries(target)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{time.time_ns()}")
     tmp.mkdir()
-    _say(f"building {recipe.size} members (recipe {digest}) into {target}", progress)
+    say(f"building {recipe.size} members (recipe {digest}) into {target}", progress)
     threads = torch.get_num_threads()
     try:
         if recipe.torch_threads:
@@ -670,9 +675,9 @@ def build_quickstart_members(
     if not published:
         if not _is_complete(target, digest):
             raise RuntimeError(f"could not publish the quickstart build to {target}")
-        _say(f"another process finished the same build first; using {target}", progress)
+        say(f"another process finished the same build first; using {target}", progress)
         return _artifacts(target, digest, reused=True)
     art = _artifacts(target, digest, reused=False)
     secs = art.report["seconds"]["total"]
-    _say(f"built {recipe.size} members in {secs:.0f}s: {target}", progress)
+    say(f"built {recipe.size} members in {secs:.0f}s: {target}", progress)
     return art

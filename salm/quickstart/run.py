@@ -92,11 +92,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say(message: str, progress: bool) -> None:
-    if progress:
-        print(f"[salm quickstart] {message}", file=sys.stderr, flush=True)
-
-
 def _load_split(files: dict[str, dict[str, Path]], split: str) -> dict[str, list]:
     from salm.data import load_examples
     from salm.quickstart.corpora import DOMAINS
@@ -110,7 +105,7 @@ def run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     from salm.ensemble import read_weights
     from salm.evaluation.runner import EvalSettings, evaluate
     from salm.evaluation.tasks import Task, score_gsm8k_output
-    from salm.quickstart.build import build_quickstart_members
+    from salm.quickstart.build import build_quickstart_members, say
     from salm.training import BEST_DIR, TrainConfig, train
 
     t0 = time.perf_counter()
@@ -149,7 +144,7 @@ def run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
         plots=s.plots,
         progress=s.progress,
     )
-    _say(f"training the routing heads ({len(data.train)} train / {len(data.val)} validation examples)", s.progress)
+    say(f"training the routing heads ({len(data.train)} train / {len(data.val)} validation examples)", s.progress)
     result = train(cfg, data=data)
     model = result.model
     best = result.output_dir / BEST_DIR
@@ -186,7 +181,7 @@ def run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
         weights=str(best),
         progress=s.progress,
     )
-    _say("evaluating the ensemble and each member", s.progress)
+    say("evaluating the ensemble and each member", s.progress)
     ev = evaluate(model, tasks, out / "evaluation", eval_settings)
     seconds["evaluation"] = time.perf_counter() - t
 
@@ -206,7 +201,7 @@ def _example_generations(model: Any, tests: dict[str, list], s: QuickstartSettin
     """Greedy ensemble generations for the first ``num_examples`` test prompts of each domain -> HTML page,
     plus the routing pattern of those generated tokens per domain."""
     from salm.evaluation.analysis import decision_patterns, kept_decisions
-    from salm.evaluation.reports import write_examples_html
+    from salm.evaluation.reports import example_item, write_examples_html
     from salm.evaluation.tasks import DEFAULT_STOP, score_gsm8k_output
 
     items: list[dict[str, Any]] = []
@@ -224,17 +219,7 @@ def _example_generations(model: Any, tests: dict[str, list], s: QuickstartSettin
             kept = kept_decisions(o, model.tokenizer)
             score = score_gsm8k_output(o.text, ex) if domain == "math" else {}
             members.append([d.member for d in kept])
-            items.append(
-                {
-                    "dataset": domain,
-                    "id": ex.id,
-                    "question": ex.question,
-                    "gold": score.get("gold"),
-                    "answer": score.get("answer"),
-                    "correct": score.get("correct"),
-                    "tokens": [(d.token, d.member, d.routing_probs) for d in kept],
-                }  # fmt: skip
-            )
+            items.append(example_item(domain, ex, score, kept))
         patterns[domain] = decision_patterns(members, model.model_ids)
     write_examples_html(items, list(model.model_ids), Path(s.output_dir) / "examples.html")
     return {"patterns": patterns, "html": "examples.html"}
@@ -261,10 +246,9 @@ def _summarize(art: Any, result: Any, ev: dict[str, Any], gen: dict[str, Any], s
             "router_share": m["router_share"],
             "tokens": m["tokens"],
         }
-    acc = {name: entry for name, entry in ds[ARITHMETIC]["models"].items()}
     accuracy = {
         name: {k: e.get(k) for k in ("accuracy", "ci_low", "ci_high", "n", "correct", "detection_rate")}
-        for name, e in acc.items()
+        for name, e in ds[ARITHMETIC]["models"].items()
     }
     ens = accuracy["ensemble"]["accuracy"]
     others = {m: accuracy[m]["accuracy"] for m in ("general", "code")}
