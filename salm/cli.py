@@ -26,17 +26,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--trust_remote_code", action="store_true", help="allow members' custom code (off by default)")
 
 
-def parse_dtype(name: str | None):
-    import torch
-
-    return getattr(torch, name) if name else None
-
-
 def load_ensemble(args: argparse.Namespace, weights: str | None = None, **kwargs):
     """The ensemble the flags describe: fresh heads, or trained heads from ``weights``."""
     from salm.ensemble import MultiModelWithScalarHeads
 
-    common = dict(device=args.device, dtype=parse_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
+    common = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if weights:
         return MultiModelWithScalarHeads.from_pretrained(weights_path=weights, base_models=args.models, **common)
     return MultiModelWithScalarHeads(args.models, **common, **kwargs)

@@ -28,10 +28,10 @@ from salm.members import (
     check_tokenizers,
     context_length,
     default_device,
-    default_dtype,
     eos_token_ids,
     load_member_model,
     load_tokenizer,
+    resolve_dtype,
     resolve_models,
 )
 
@@ -93,7 +93,7 @@ class MultiModelWithScalarHeads(nn.Module):
         head_hidden_dim: int = 256,
         head_dropout: float = 0.1,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         *,
         head_norm: str = "layer",
         members: Sequence[nn.Module] | None = None,
@@ -108,7 +108,7 @@ class MultiModelWithScalarHeads(nn.Module):
         super().__init__()
         infos = resolve_models(base_models)
         self.device = torch.device(device or default_device())
-        self.dtype = dtype or default_dtype(self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.infos = infos
         self.model_ids = [m.id for m in infos]
         self.head_hidden_dim, self.head_dropout, self.head_norm = head_hidden_dim, head_dropout, head_norm

@@ -152,6 +152,18 @@ def default_device() -> str:
     return "cpu"
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    """A torch dtype from a dtype, its name (``"bfloat16"``, as Hugging Face accepts) or None (the default)."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise MemberError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        return resolved
+    return dtype
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bf16 on accelerators (the members are frozen, so half precision costs no training accuracy); fp32 on CPU."""
     return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16

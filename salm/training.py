@@ -501,13 +501,12 @@ def train(
 
     t = time.perf_counter()
     if model is None:
-        from salm.cli import load_ensemble
+        from salm.ensemble import MultiModelWithScalarHeads
 
-        ns = argparse.Namespace(
-            models=cfg.models, device=cfg.device or (str(dist_device) if dist_device else None), dtype=cfg.dtype,
+        model = MultiModelWithScalarHeads(
+            cfg.models, cfg.head_hidden_dim, cfg.head_dropout, device=cfg.device or dist_device, dtype=cfg.dtype,
             trust_remote_code=cfg.trust_remote_code,
         )  # fmt: skip
-        model = load_ensemble(ns, head_hidden_dim=cfg.head_hidden_dim, head_dropout=cfg.head_dropout)
     timing["model_s"] = time.perf_counter() - t
     device = model.device
     ids = list(model.model_ids)
