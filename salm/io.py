@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash never leaves a half-written file that a later run would trust."""
+"""Atomic file writes (a crash never leaves a half-written file that a later run would trust) and the cache folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+CACHE_ENV = "SALM_CACHE"
+
+
+def cache_root() -> Path:
+    """saLM's cache folder: ``$SALM_CACHE``, else ``$XDG_CACHE_HOME/salm``, else ``~/.cache/salm``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "salm"
+    return Path.home() / ".cache" / "salm"
 
 
 def _read_umask() -> int:

@@ -47,7 +47,7 @@ from salm.features import (
     load_or_build,
     tokenize_examples,
 )
-from salm.io import atomic_write, atomic_write_json, atomic_write_text
+from salm.io import CACHE_ENV, atomic_write, atomic_write_json, atomic_write_text
 from salm.loss import perfect_alignment_loss
 from salm.plotting import figure, save_png
 
@@ -58,7 +58,6 @@ REPORT = "train_report.json"
 BEST_HEADS = "best_model_heads.pt"
 BEST_DIR = "best_model"
 FINAL_DIR = "final_model"
-CACHE_ENV = "SALM_CACHE"
 CHECKPOINT_FORMAT = 1
 # Settings a resumed run must share with the checkpoint (num_epochs may grow; the schedule then changes).
 RESUME_KEYS = (

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from salm.io import cache_root
 from salm.quickstart.corpora import (
     DOMAINS,
     SPLITS,
@@ -159,15 +160,6 @@ def recipe_hash(recipe: Recipe) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    """``$SALM_CACHE``, else ``$XDG_CACHE_HOME/salm``, else ``~/.cache/salm``."""
-    if os.environ.get("SALM_CACHE"):
-        return Path(os.environ["SALM_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "salm"
-    return Path.home() / ".cache" / "salm"
 
 
 def quickstart_dir(recipe: Recipe) -> Path:
