@@ -275,33 +275,38 @@ def heads_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
-def _generation_file(
-    model: Any, task: Task, prompts: list[str], name: str, settings: EvalSettings, out_dir: Path
-) -> Path:
-    """Where one model's generations for this task are kept, named by everything that decides them."""
-    key = {
+def _generation_key(model: Any, task: Task, prompts: list[str], settings: EvalSettings) -> dict[str, Any]:
+    """Everything but the routing that decides a task's generations; computed once per task."""
+    from salm.features import member_fingerprint
+
+    return {
         "task": task.name,
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
         "stop": list(task.stop),
-        "routing": _routing(name, settings),
         "decoding": [settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k],
         "seed": settings.random_seed,
         "batch_size": settings.batch_size,
-        "members": [[i.id, i.path, getattr(i, "revision", None)] for i in model.infos],
+        "members": [member_fingerprint(info) for info in model.infos],
         "heads": heads_fingerprint(model),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return out_dir / GENERATIONS_DIR / f"{name}-{digest}.jsonl"
 
 
 def _generate_or_reuse(
-    model: Any, task: Task, prompts: list[str], name: str, settings: EvalSettings, out_dir: Path
+    model: Any,
+    task: Task,
+    prompts: list[str],
+    name: str,
+    settings: EvalSettings,
+    out_dir: Path,
+    key: dict[str, Any],
 ) -> list[Any]:
-    """One model's outputs: read back when an earlier run with the same key finished them, else generated
-    and stored atomically (an interrupted run never leaves a partial file that a later run trusts)."""
+    """One model's outputs: read back when an earlier run with the same key (``key`` plus this model's
+    routing) finished them, else generated and stored atomically (an interrupted run never leaves a
+    partial file that a later run trusts)."""
     from salm.generation import GenerationOutput
 
-    path = _generation_file(model, task, prompts, name, settings, out_dir)
+    full_key = json.dumps({**key, "routing": _routing(name, settings)}, sort_keys=True)
+    path = out_dir / GENERATIONS_DIR / f"{name}-{hashlib.sha256(full_key.encode()).hexdigest()[:16]}.jsonl"
     if settings.resume and path.is_file():
         try:
             outputs = [GenerationOutput.from_dict(json.loads(line)) for line in path.read_text().splitlines()]
@@ -348,8 +353,9 @@ def _run_generative(
     rows: list[dict[str, Any]] = []
     ensemble_members: list[list[str]] = []
     html: list[dict[str, Any]] = []
+    key = _generation_key(model, task, prompts, settings)
     for name in names:
-        outputs = _generate_or_reuse(model, task, prompts, name, settings, out_dir)
+        outputs = _generate_or_reuse(model, task, prompts, name, settings, out_dir, key)
         scores = []
         for i, (ex, out) in enumerate(zip(examples, outputs)):
             score = dict(task.scorer(out.text, ex))
