@@ -47,7 +47,7 @@ from salm.features import (
     load_or_build,
     tokenize_examples,
 )
-from salm.io import CACHE_ENV, atomic_write, atomic_write_json, atomic_write_text
+from salm.io import CACHE_ENV, atomic_write, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from salm.loss import perfect_alignment_loss
 from salm.plotting import figure, save_png
 
@@ -351,7 +351,7 @@ class MetricsLog:
                     kept.append(rec)
         self.records = kept
         if self.enabled:
-            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_jsonl(self.path, kept, ensure_ascii=True)
 
     def append(self, rec: dict[str, Any]) -> None:
         self.records.append(rec)

@@ -33,7 +33,7 @@ from salm.evaluation.analysis import (
 )
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
 from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, generic_task
-from salm.io import atomic_write_json, atomic_write_text
+from salm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def _generate_or_reuse(
         return_outputs=True,
         progress=settings.progress,
     )
-    atomic_write_text(path, "".join(json.dumps(o.to_dict(), ensure_ascii=False) + "\n" for o in outputs))
+    atomic_write_jsonl(path, (o.to_dict() for o in outputs))
     return outputs
 
 
@@ -537,9 +537,7 @@ def evaluate_task(
         "seconds": round(time.perf_counter() - t0, 2),
     }
     atomic_write_json(out_dir / "results.json", result)
-    atomic_write_text(
-        out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in predictions)
-    )
+    atomic_write_jsonl(out_dir / "predictions.jsonl", predictions)
     return result, html
 
 

@@ -21,10 +21,12 @@ import os
 import random
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+from salm.io import atomic_write_jsonl
 
 DOMAINS: tuple[str, ...] = ("code", "prose", "math")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -468,17 +470,6 @@ def training_texts(domain: str, config: CorpusConfig = CorpusConfig()) -> list[s
     return texts
 
 
-def write_jsonl(path: Path, rows: Iterable[dict[str, str]]) -> int:
-    """Write rows as JSON lines (UTF-8, one object per line); returns the number written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
-
-
 def write_example_files(
     data_dir: Path, counts: dict[str, int], seed: int = 0, config: CorpusConfig = CorpusConfig()
 ) -> dict[str, dict[str, Path]]:
@@ -491,7 +482,7 @@ def write_example_files(
         per_domain = {d: make_examples(d, counts[split], seed=seed, split=split, config=config) for d in DOMAINS}
         for domain, pairs in per_domain.items():
             path = data_dir / f"{domain}_{split}.jsonl"
-            write_jsonl(path, ({"question": q, "answer": a, "domain": domain} for q, a in pairs))
+            atomic_write_jsonl(path, ({"question": q, "answer": a, "domain": domain} for q, a in pairs))
             files[domain][split] = path
         mixed: list[dict[str, str]] = []
         for i in range(max(len(p) for p in per_domain.values())):
@@ -500,6 +491,6 @@ def write_example_files(
                     q, a = per_domain[domain][i]
                     mixed.append({"question": q, "answer": a, "domain": domain})
         path = data_dir / f"mixed_{split}.jsonl"
-        write_jsonl(path, mixed)
+        atomic_write_jsonl(path, mixed)
         files["mixed"][split] = path
     return files
