@@ -5,6 +5,7 @@ They go through exactly the same loading path as hub models: ordinary Hugging Fa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,3 +100,10 @@ def build_tiny_members(
         path = build_member(Path(root) / mid, tokenizer, seed=i, arch=arch, hidden_size=h, **kwargs)
         infos.append(ModelInfo(mid, f"Tiny member {i}", str(path), "tiny", "test"))
     return infos
+
+
+def write_member_set(path: str | Path, infos: Sequence[ModelInfo]) -> Path:
+    """A member-set file (JSON) for ``infos``, as ``--models`` reads it."""
+    path = Path(path)
+    path.write_text(json.dumps([i.to_dict() for i in infos]))
+    return path

@@ -8,13 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from salm.testing import write_member_set
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _members_file(tmp_path: Path, infos) -> Path:
-    path = tmp_path / "members.json"
-    path.write_text(json.dumps([i.to_dict() for i in infos]))
-    return path
 
 
 def test_answer_generator_writes_the_seeds_json(tiny_infos, tiny_ensemble, tmp_path, capsys):
@@ -22,7 +18,8 @@ def test_answer_generator_writes_the_seeds_json(tiny_infos, tiny_ensemble, tmp_p
 
     heads = tiny_ensemble.save_pretrained(tmp_path / "heads")
     out = tmp_path / "answer_confidence.json"
-    argv = ["What is 2 + 3?", "--models", str(_members_file(tmp_path, tiny_infos)), "--weights-path", str(heads),
+    members = write_member_set(tmp_path / "members.json", tiny_infos)
+    argv = ["What is 2 + 3?", "--models", str(members), "--weights-path", str(heads),
             "--output", str(out), "--max-tokens", "6", "--temperature", "0", "--device", "cpu"]  # fmt: skip
     assert answer_generator.main(argv) == 0
     result = json.loads(out.read_text())
@@ -43,7 +40,8 @@ def test_answer_generator_missing_weights_is_an_error_not_random_heads(tiny_info
 
     out = tmp_path / "a.json"
     missing = tmp_path / "nope" / "best_model_heads.pt"
-    argv = ["q", "--models", str(_members_file(tmp_path, tiny_infos)), "--weights-path", str(missing),
+    members = write_member_set(tmp_path / "members.json", tiny_infos)
+    argv = ["q", "--models", str(members), "--weights-path", str(missing),
             "--output", str(out), "--device", "cpu"]  # fmt: skip
     assert answer_generator.main(argv) == 2
     err = capsys.readouterr().err

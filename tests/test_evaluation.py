@@ -22,6 +22,7 @@ from salm.evaluation.analysis import (
 from salm.evaluation.runner import ENSEMBLE, EvalSettings, evaluate, evaluate_task, sample_examples
 from salm.evaluation.tasks import TASKS, Task, TaskRegistry, generic_task, score_auto, score_gsm8k_output
 from salm.generation import GenerationOutput, TokenDecision
+from salm.testing import write_member_set
 from tests.test_ensemble import fresh
 
 
@@ -29,12 +30,6 @@ def _cli(argv: list[str]) -> int:
     import salm.cli
 
     return salm.cli.main(argv)
-
-
-def _members_file(tmp_path: Path, infos) -> Path:
-    path = tmp_path / "members.json"
-    path.write_text(json.dumps([i.to_dict() for i in infos]))
-    return path
 
 
 def _math_examples(n: int = 3) -> list[Example]:
@@ -288,7 +283,7 @@ def test_unreachable_hub_names_the_flag(tiny_infos, tmp_path, monkeypatch, capsy
         raise DatasetUnavailableError(f"could not load {source!r} from the hub")
 
     monkeypatch.setattr(runner, "load_examples", offline)
-    members = _members_file(tmp_path, tiny_infos)
+    members = write_member_set(tmp_path / "members.json", tiny_infos)
     rc = _cli(
         [
             "evaluate",
@@ -326,7 +321,7 @@ def test_skipped_dataset_does_not_stop_the_others(tiny_infos, tmp_path, monkeypa
         [
             "evaluate",
             "--models",
-            str(_members_file(tmp_path, tiny_infos)),
+            str(write_member_set(tmp_path / "members.json", tiny_infos)),
             "--datasets",
             "medqa",
             "arith",
@@ -358,7 +353,7 @@ def test_end_to_end_cli_on_public_data(tiny_infos, shared_data, tmp_path):
     argv = [
         "evaluate",
         "--models",
-        str(_members_file(tmp_path, tiny_infos)),
+        str(write_member_set(tmp_path / "members.json", tiny_infos)),
         "--device",
         "cpu",
         "--sample_size",
