@@ -166,9 +166,15 @@ def _validate(prompts: list[str], max_new_tokens: int, temperature: float, top_p
             raise GenerationError(f"prompt {i} is {type(p).__name__}, not a string")
 
 
+def prompt_budget(context_length: int, room: int) -> int:
+    """Prompt tokens kept by ``truncate="left"``: the context minus ``room`` for generation, but never less
+    than half the context (a prompt cut to a few tokens is useless; generation then stops at the context)."""
+    return max(context_length - room, context_length // 2, 1)
+
+
 def encode_prompts(model, prompts: list[str], truncate: str | None = None, room: int = 1) -> list[list[int]]:
     """Token ids per prompt; a prompt beyond the smallest member context is an error unless truncate='left',
-    which keeps the prompt's last tokens, leaving ``room`` positions for generation (as lm-eval does)."""
+    which keeps the prompt's last :func:`prompt_budget` tokens, leaving ``room`` for generation."""
     if truncate not in (None, "left"):
         raise GenerationError(f"truncate must be None or 'left', got {truncate!r}")
     ctx = model.context_length
@@ -188,7 +194,8 @@ def encode_prompts(model, prompts: list[str], truncate: str | None = None, room:
                     f"prompt {i} has {len(ids)} tokens; member {who!r} reads at most {ctx} "
                     "(pass truncate='left' to keep the prompt's end)"
                 )
-            ids = ids[-max(1, ctx - room) :]
+        if truncate == "left" and ctx is not None:
+            ids = ids[-prompt_budget(ctx, room) :]
         encoded.append(ids)
     return encoded
 

@@ -422,3 +422,14 @@ def test_examples_page_escapes_text_and_colours_members(tmp_path):
     page = write_examples_html(items, ["a", "b"], tmp_path / "e.html").read_text()
     assert "<script>" not in page and "&lt;b&gt;&amp;" in page and "\x06" not in page and "\u2406" in page
     assert member_colour(["a", "b"], "b") in page and 'title="a\na: 0.900\nb: 0.100"' in page
+
+
+def test_cut_prompts_are_counted_as_generation_cuts_them(tiny_ensemble):
+    from salm.generation import encode_prompts
+
+    tok, ctx = tiny_ensemble.tokenizer, tiny_ensemble.context_length
+    prompts = ["word " * 300, "hello", "word " * (ctx - 40)]  # too long; short; fits alone but not with 64 new
+    kept = encode_prompts(tiny_ensemble, prompts, truncate="left", room=64)
+    assert [len(k) for k in kept] == [ctx - 64, len(tok("hello")["input_ids"]), ctx - 64]
+    assert runner.count_cut_prompts(tok, prompts, ctx, 64) == 2
+    assert runner.count_cut_prompts(tok, prompts, None, 64) == 0

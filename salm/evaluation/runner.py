@@ -33,6 +33,7 @@ from salm.evaluation.analysis import (
 )
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
 from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, generic_task
+from salm.generation import prompt_budget
 from salm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ __all__ = [
     "add_arguments",
     "evaluate",
     "evaluate_task",
-    "fit_prompts",
+    "count_cut_prompts",
     "load_task_examples",
     "prepare_tasks",
     "run",
@@ -214,25 +215,13 @@ def prepare_tasks(
     return runs, skipped
 
 
-def fit_prompts(
-    tokenizer: Any, prompts: Sequence[str], context_length: int | None, max_new_tokens: int
-) -> tuple[list[str], int]:
-    """Cut prompts from the left so they leave room to answer inside the smallest member's context.
-
-    Every model gets the same (cut) prompt, so the comparison stays fair; how many were cut is reported.
-    At least half the context stays for the prompt when ``max_new_tokens`` is larger than that.
-    """
+def count_cut_prompts(tokenizer: Any, prompts: Sequence[str], context_length: int | None, room: int) -> int:
+    """How many prompts generation's ``truncate="left"`` will cut (every model gets the same cut prompt, so
+    the comparison stays fair; the count is reported)."""
     if context_length is None:
-        return list(prompts), 0
-    budget = context_length - min(max_new_tokens, context_length // 2) - 1
-    out, cut = [], 0
-    for p in prompts:
-        ids = tokenizer(p)["input_ids"]
-        if len(ids) > budget:
-            p = tokenizer.decode(ids[-budget:], skip_special_tokens=True)
-            cut += 1
-        out.append(p)
-    return out, cut
+        return 0
+    budget = prompt_budget(context_length, room)
+    return sum(len(tokenizer(p)["input_ids"]) > budget for p in prompts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -457,8 +446,8 @@ def evaluate_task(
     """
     t0 = time.perf_counter()
     names = _model_names(model, settings)
-    raw_prompts = [task.prompt(ex) for ex in examples]
-    prompts, n_cut = fit_prompts(model.tokenizer, raw_prompts, model.context_length, settings.max_new_tokens)
+    prompts = [task.prompt(ex) for ex in examples]
+    n_cut = count_cut_prompts(model.tokenizer, prompts, model.context_length, settings.max_new_tokens)
     if n_cut:
         logger.warning(
             "%s: %d of %d prompts were cut from the left to fit the smallest member's context (%s tokens)",
