@@ -328,7 +328,8 @@ def test_load_training_sets_rejects_name_clash(tmp_path: Path) -> None:
 def test_data_dir_known_name_uses_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from salm.data import loading
 
-    _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", [GSM8K_ROW] * 10)
+    rows = [dict(GSM8K_ROW, question=f"{GSM8K_ROW['question']} ({i})") for i in range(10)]  # distinct: a repeat
+    _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)  # in both splits would be dropped from validation
     data = load_training_sets(["gsm8k"], val_fraction=0.2, data_dir=tmp_path)
     info = data.report["datasets"]["gsm8k"]
     assert info["held_out"] is True and len(data.val) == 2 and info["source_split"] == "train"

@@ -156,7 +156,7 @@ def _pair(question_key: str, answer_key: str):
 
 
 def _text_label(row: Mapping[str, Any]) -> dict[str, Any]:
-    label = _field(row, "label")
+    label = _field(row, "label", numbers_ok=True)  # class labels are often integers
     return {"question": _field(row, "text"), "answer": label, "label": label}
 
 
@@ -176,17 +176,45 @@ def _options(raw: Any) -> dict[str, str]:
         items = ((o["key"], o["value"]) for o in raw)
     else:
         raise DataFormatError(f"options must be a mapping of letters to text, got {type(raw).__name__}")
-    options = {str(k).strip().upper(): str(v).strip() for k, v in items if v is not None}
+    options = {str(k).strip().upper(): _text(v, f"option {k!r}", numbers_ok=True) for k, v in items if v is not None}
     if not options:
         raise DataFormatError("options are empty")
     return dict(sorted(options.items()))
 
 
-def _field(row: Mapping[str, Any], key: str) -> str:
+def _field(row: Mapping[str, Any], key: str, numbers_ok: bool = False) -> str:
     value = row[key]
     if value is None:
         raise DataFormatError(f"field {key!r} is null")
-    return str(value).strip()
+    return _text(value, f"field {key!r}", numbers_ok)
+
+
+def _text(value: Any, what: str, numbers_ok: bool = False) -> str:
+    """``value`` as stripped text, refusing what would train on the wrong text.
+
+    A list or an object would become its Python repr (``['a', 'b']``) and a number where text belongs
+    is almost always a mis-mapped column; a lone surrogate (``"\\ud800"`` in JSON) cannot be tokenized.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (str, int, float))
+        or (not numbers_ok and not isinstance(value, str))
+    ):
+        raise DataFormatError(f"{what} must be text, got {type(value).__name__} {_short(value)}")
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataFormatError(
+            f"{what} holds an invalid character {text[err.start]!r} at position {err.start} "
+            "(an unpaired UTF-16 surrogate); fix the file's escapes"
+        ) from None
+    return text.strip()
+
+
+def _short(value: Any) -> str:
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 _CONVERTERS = {

@@ -7,6 +7,7 @@ is missing), and ``datasets`` is imported lazily so that file loading never depe
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -216,10 +217,9 @@ def iter_file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     elif suffix == ".json":
         yield from _iter_json(path)
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                yield f"{path}, line {reader.line_num}", row
+        reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+        for row in reader:
+            yield f"{path}, line {reader.line_num}", row
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -229,8 +229,36 @@ def iter_file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataFormatError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 (e.g. Latin-1) is an error naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(_not_utf8(path, data, err)) from None
+
+
+def _not_utf8(path: Path, data: bytes, err: UnicodeDecodeError, line_offset: int = 0) -> str:
+    line = line_offset + data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return (
+        f"{path}, line {line}: not UTF-8 (byte 0x{data[err.start]:02x} at column {column}); data files must be "
+        "UTF-8: re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """The file's lines, decoded one at a time so a bad byte is reported with its line number."""
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataFormatError(_not_utf8(path, raw, err, lineno - 1)) from None
+
+
 def _iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    lines = text.splitlines() if text is not None else path.open(encoding="utf-8")
+    lines = text.splitlines() if text is not None else _utf8_lines(path)
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -245,7 +273,7 @@ def _iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[str, dict
 
 def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """A JSON list of rows or ``{"data": [...]}``; JSON Lines under a .json name (as on the hub) also work."""
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:

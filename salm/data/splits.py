@@ -78,6 +78,10 @@ def load_training_sets(
     folder) uses it; otherwise a seeded ``val_fraction`` of its train rows is held out, and the report
     says so (``held_out``). ``max_examples`` keeps the first rows of each source for quick runs.
     Train and validation are balanced separately so neither is dominated by the largest dataset.
+
+    Rows with an empty answer are skipped (they would train on the end-of-text token alone) and counted
+    (``empty_answers_skipped``); validation rows whose prompt and answer also occur in any training set
+    are dropped (``val_duplicates_dropped``), so validation never measures memorised training rows.
     """
     if not sources:
         raise ValueError("no training datasets given")
@@ -87,6 +91,13 @@ def load_training_sets(
     for source in sources:
         loaded = load_training_source(source, max_examples=max_examples, val_fraction=val_fraction, data_dir=data_dir)
         name = loaded.resolved.name
+        n_loaded = len(loaded.train) + len(loaded.val or [])
+        loaded.train = [ex for ex in loaded.train if ex.answer.strip()]
+        if loaded.val is not None:
+            loaded.val = [ex for ex in loaded.val if ex.answer.strip()]
+        empty = n_loaded - len(loaded.train) - len(loaded.val or [])
+        if not loaded.train:
+            raise ValueError(f"dataset {name!r} ({source}): every one of its {n_loaded} row(s) has an empty answer")
         if name in per_dataset:
             raise ValueError(
                 f"training sources {per_dataset[name]['source']!r} and {source!r} are both named {name!r}; "
@@ -104,11 +115,23 @@ def load_training_sets(
             "source": source,
             "location": loaded.resolved.describe(),
             "source_split": loaded.resolved.split,
-            "loaded": len(loaded.train) + (0 if held_out else len(val)),
+            "loaded": n_loaded,
+            "empty_answers_skipped": empty,
             "held_out": held_out,
             "train": len(train),
             "val": len(val),
         }
+    seen = {(ex.question, ex.answer) for examples in train_sets.values() for ex in examples}
+    for name, val in val_sets.items():
+        kept = [ex for ex in val if (ex.question, ex.answer) not in seen]
+        per_dataset[name]["val_duplicates_dropped"] = len(val) - len(kept)
+        per_dataset[name]["val"] = len(kept)
+        if not kept:
+            raise ValueError(
+                f"dataset {name!r} ({per_dataset[name]['source']}): all {len(val)} validation row(s) also occur in "
+                "the training data; give it distinct validation rows"
+            )
+        val_sets[name] = kept
     train = balance(train_sets, seed)
     val = balance(val_sets, seed)
     for name in per_dataset:
