@@ -12,7 +12,7 @@ from pathlib import Path
 from salm.cli import add_model_arguments, load_ensemble
 from salm.data import build_prompt
 from salm.ensemble import WeightsError
-from salm.generation import GenerationError
+from salm.generation import GenerationError, check_decoding
 from salm.io import atomic_write_json
 from salm.members import MemberError
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if weights is None:
         print(f"warning: no trained heads at {DEFAULT_WEIGHTS}; routing with UNTRAINED heads", file=sys.stderr)
     try:
+        check_decoding(args.max_tokens, args.temperature, routing=args.routing, seed=args.seed)  # before loading
         model = load_ensemble(args, weights)
         out = model.generate(
             build_prompt(args.question), max_new_tokens=args.max_tokens, temperature=args.temperature,

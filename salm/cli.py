@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from salm.data import build_prompt
     from salm.display import legend, member_shares, print_decisions, use_colour
+    from salm.generation import check_decoding
 
+    check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.routing, args.stop, args.seed)
     model = load_ensemble(args, args.weights)
     text = " ".join(args.prompt)
     prompt = text if args.raw else build_prompt(text)

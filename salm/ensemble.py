@@ -27,10 +27,10 @@ from salm.members import (
     ModelInfo,
     check_tokenizers,
     context_length,
-    default_device,
     eos_token_ids,
     load_member_model,
     load_tokenizer,
+    resolve_device,
     resolve_dtype,
     resolve_models,
 )
@@ -106,8 +106,11 @@ class MultiModelWithScalarHeads(nn.Module):
         is the members' dtype (bf16 on accelerators, fp32 on CPU when not given). Heads stay fp32.
         """
         super().__init__()
+        self.device = resolve_device(device)  # first: a bad --device is named before anything loads
         infos = resolve_models(base_models)
-        self.device = torch.device(device or default_device())
+        for m in infos:
+            if m.device is not None:
+                resolve_device(m.device, what=f"member {m.id!r}: device")
         self.dtype = resolve_dtype(dtype, self.device)
         self.infos = infos
         self.model_ids = [m.id for m in infos]

@@ -8,11 +8,15 @@ what makes member-vs-ensemble comparisons fair.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import math
+import numbers
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from salm.heads import heads_in_eval_mode
 
 ROUTING_MODES = ("argmax", "mixture", "threshold:<p>", "member:<id>")
 
@@ -150,20 +154,69 @@ def choose_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1), member
 
 
-def _validate(prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
-    if not prompts:
-        raise GenerationError("prompt list is empty: pass at least one prompt")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_decoding(
+    max_new_tokens: Any = 1,
+    temperature: Any = 1.0,
+    top_p: Any = 1.0,
+    top_k: Any = 0,
+    routing: Any = "argmax",
+    stop: Any = None,
+    seed: Any = None,
+    batch_size: Any = None,
+) -> None:
+    """Raise :class:`GenerationError` naming the first bad decoding argument (type, range, NaN).
+
+    Needs no model, so the CLIs call it before loading members; a ``member:<id>`` routing's id is
+    checked against the members later, by :func:`parse_routing`.
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not _is_real(temperature):
+        raise GenerationError(f"temperature must be a number, got {type(temperature).__name__} {temperature!r}")
+    if not math.isfinite(temperature):
+        raise GenerationError(f"temperature must be finite (0 = greedy), got {temperature}")
     if temperature < 0:
         raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not _is_real(top_p):
+        raise GenerationError(f"top_p must be a number, got {type(top_p).__name__} {top_p!r}")
     if not 0.0 < top_p <= 1.0:
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise GenerationError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    for i, p in enumerate(prompts):
+    if not _is_int(top_k) or top_k < 0:
+        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not isinstance(routing, str):
+        raise GenerationError(f"routing must be a string ({', '.join(ROUTING_MODES)}), got {type(routing).__name__}")
+    if not routing.startswith("member:"):
+        parse_routing(routing, [])
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
+    if seed is not None and not _is_int(seed):
+        raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise GenerationError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
+
+
+def _prompt_list(prompt: Any) -> list[str]:
+    """A string or an iterable of strings, as a list; anything else (bytes, numbers, None) is an error."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+        raise GenerationError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+    prompt = list(prompt)
+    if not prompt:
+        raise GenerationError("prompt list is empty: pass at least one prompt")
+    for i, p in enumerate(prompt):
         if not isinstance(p, str):
             raise GenerationError(f"prompt {i} is {type(p).__name__}, not a string")
+    return prompt
 
 
 def prompt_budget(context_length: int, room: int) -> int:
@@ -290,16 +343,14 @@ def generate(
     ``temperature=0`` is greedy. ``streamer(row, decision)`` is called for every token as it is made.
     """
     single = isinstance(prompt, str)
-    prompts = [prompt] if single else list(prompt or [])
-    _validate(prompts, max_new_tokens, temperature, top_p, top_k)
+    prompts = _prompt_list(prompt)
+    check_decoding(max_new_tokens, temperature, top_p, top_k, routing, stop, seed, batch_size)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     rt = parse_routing(routing, model.model_ids)
     encoded = encode_prompts(model, prompts, truncate, room=max_new_tokens)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
     # Sorting by length keeps padding small inside each batch; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     bs = batch_size or len(prompts)
@@ -310,6 +361,9 @@ def generate(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(prompts), desc="generating", unit="prompt")
+    # Route with eval-mode heads without model.eval()/train(): those flags are shared with other threads.
+    eval_heads = heads_in_eval_mode()
+    eval_heads.__enter__()
     try:
         for rows in batches:
             outs = _generate_batch(
@@ -333,7 +387,7 @@ def generate(
     finally:
         if bar is not None:
             bar.close()
-        model.train(was_training)
+        eval_heads.__exit__(None, None, None)
     if return_outputs:
         final: list[Any] = results
     elif return_decisions:

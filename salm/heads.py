@@ -2,8 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+_EVAL_HEADS = contextvars.ContextVar("salm_eval_heads", default=False)
+
+
+@contextlib.contextmanager
+def heads_in_eval_mode() -> Iterator[None]:
+    """Inside this block (on this thread only) heads compute as in eval mode, whatever their ``training`` flag.
+
+    Generation routes with eval-mode heads but must not call ``model.eval()``/``model.train()``: those flip
+    flags shared by every thread using the model (a training loop, another generation), so one caller's
+    restore would turn dropout on in the middle of another's decoding. A context variable is private to
+    the thread (and asyncio task) that sets it.
+    """
+    token = _EVAL_HEADS.set(True)
+    try:
+        yield
+    finally:
+        _EVAL_HEADS.reset(token)
 
 
 class _RowBatchNorm(nn.BatchNorm1d):
@@ -44,4 +67,23 @@ class ScalarProjectionHead(nn.Module):
     def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """[..., input_dim] -> [...]: every position at once (the seed looped over positions in Python)."""
         w = self.non_linear_projection[0].weight
-        return self.non_linear_projection(hidden_state.to(w.dtype)).squeeze(-1)
+        x = hidden_state.to(w.dtype)
+        if self.training and _EVAL_HEADS.get():
+            return _eval_forward(self.non_linear_projection, x).squeeze(-1)
+        return self.non_linear_projection(x).squeeze(-1)
+
+
+def _eval_forward(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The layers as in eval mode without touching their flags: no dropout, BatchNorm on running statistics."""
+    for layer in layers:
+        if isinstance(layer, nn.Dropout):
+            continue
+        if isinstance(layer, _RowBatchNorm):
+            shape = x.shape
+            x = F.batch_norm(
+                x.reshape(-1, shape[-1]), layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                training=False, eps=layer.eps,
+            ).reshape(shape)  # fmt: skip
+        else:
+            x = layer(x)
+    return x

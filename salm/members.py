@@ -144,6 +144,44 @@ def resolve_models(models: str | os.PathLike | Sequence[ModelInfo] | None) -> li
     return models
 
 
+def available_devices() -> list[str]:
+    """The devices torch can use on this machine, for error messages."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        out.append("mps")
+    return out
+
+
+def resolve_device(device: str | torch.device | None, what: str = "--device") -> torch.device:
+    """A usable torch device, or a :class:`MemberError` naming the devices this machine has.
+
+    Checked before any member loads: torch's own errors for a GPU that is absent (``Torch not compiled with
+    CUDA enabled``) or a misspelt name arrive as tracebacks from deep inside model loading.
+    """
+    if device is None:
+        return torch.device(default_device())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MemberError(
+            f"{what} {device!r} is not a device; devices on this machine: {', '.join(available_devices())}"
+        ) from None
+    ok = True
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        ok = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    elif dev.type not in ("cpu", "meta"):
+        ok = False
+    if not ok:
+        raise MemberError(
+            f"{what} {device!r} is not available on this machine; devices here: {', '.join(available_devices())}"
+        )
+    return dev
+
+
 def default_device() -> str:
     if torch.cuda.is_available():
         return "cuda"

@@ -33,7 +33,7 @@ from salm.evaluation.analysis import (
 )
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
 from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, generic_task
-from salm.generation import prompt_budget
+from salm.generation import GenerationError, check_decoding, prompt_budget
 from salm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,12 @@ class EvalSettings:
             problems.append(f"choice mode must be one of {', '.join(CHOICE_MODES)}, got {self.choice_mode!r}")
         if self.num_examples < 0:
             problems.append(f"num_examples must be >= 0, got {self.num_examples}")
+        if not problems:  # types, NaN and the routing's syntax, before any member loads
+            try:
+                check_decoding(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.routing,
+                               seed=self.random_seed, batch_size=self.batch_size)  # fmt: skip
+            except GenerationError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 
