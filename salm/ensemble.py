@@ -20,7 +20,7 @@ from torch import nn
 
 from salm import __version__
 from salm.heads import ScalarProjectionHead
-from salm.io import atomic_write, atomic_write_json
+from salm.io import atomic_dir, atomic_write_json
 from salm.members import (
     MODELS,
     MemberError,
@@ -339,8 +339,9 @@ class MultiModelWithScalarHeads(nn.Module):
 
         d = Path(save_directory)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(d / WEIGHTS_NAME, lambda p: save_file(state, p, metadata={"format": "pt"}))
-        atomic_write_json(d / CONFIG_NAME, self.config_dict())
+        with atomic_dir(d) as tmp:  # both files or neither: a kill never leaves heads without their config
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            atomic_write_json(tmp / CONFIG_NAME, self.config_dict())
         return d
 
     @classmethod
@@ -359,12 +360,15 @@ class MultiModelWithScalarHeads(nn.Module):
             raise WeightsError("from_pretrained needs weights_path (a saLM folder, .safetensors or .pt file)")
         state, config = read_weights(weights_path)
         if base_models is None:
-            if config is None:
-                base_models = MODELS
+            if config is not None:
+                base_models = config_members(config)
+            elif Path(weights_path).suffix != ".safetensors":
+                base_models = MODELS  # the seed's .pt: its heads were trained on the default trio
             else:
-                base_models = [
-                    ModelInfo(**{k: v for k, v in m.items() if k != "hidden_size"}) for m in config["members"]
-                ]
+                raise WeightsError(
+                    f"{weights_path} has no {CONFIG_NAME} beside it naming its members; pass base_models "
+                    "(--models) or use the folder save_pretrained wrote"
+                )
         if config is not None:
             kwargs.setdefault("head_hidden_dim", config.get("head_hidden_dim", 256))
             kwargs.setdefault("head_dropout", config.get("head_dropout", 0.1))
@@ -403,6 +407,12 @@ class MultiModelWithScalarHeads(nn.Module):
             problems.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
         if problems:
             raise WeightsError(f"head weights in {source} do not fit members {self.model_ids}: " + "; ".join(problems))
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # NaN heads route every token to member 0 and make mixture emit nothing: never load them
+            raise WeightsError(
+                f"head weights in {source} hold NaN or infinite values in {len(bad)} tensor(s) "
+                f"{bad[:4]}{' ...' if len(bad) > 4 else ''}; they come from a diverged run and cannot route"
+            )
         self.load_state_dict(state, strict=True)
 
     def train(self, mode: bool = True):
@@ -438,15 +448,20 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     config = None
     if p.is_dir():
         if (p / CONFIG_NAME).is_file():
-            config = json.loads((p / CONFIG_NAME).read_text())
+            config = read_config(p / CONFIG_NAME)
         if (p / WEIGHTS_NAME).is_file():
+            if config is None:  # never guess the members of a saLM folder (the hub trio would load silently)
+                raise WeightsError(
+                    f"weights folder {p} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: an incomplete save (a run "
+                    "killed while writing it?); use another checkpoint, or pass the .safetensors file with --models"
+                )
             p = p / WEIGHTS_NAME
         elif (p / SEED_WEIGHTS_NAME).is_file():
             p = p / SEED_WEIGHTS_NAME
         else:
             raise WeightsError(f"weights folder {p} holds neither {WEIGHTS_NAME} nor {SEED_WEIGHTS_NAME}")
     elif p.suffix == ".safetensors" and (p.parent / CONFIG_NAME).is_file():
-        config = json.loads((p.parent / CONFIG_NAME).read_text())
+        config = read_config(p.parent / CONFIG_NAME)
     try:
         if p.suffix == ".safetensors":
             state = load_file(str(p))
@@ -461,3 +476,40 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{p} does not hold a state dict of tensors")
     return state, config
+
+
+_MEMBER_FIELDS = {"id", "name", "path", "parameters", "task", "revision", "device"}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A ``salm_config.json``, checked enough that using it cannot fail with a raw traceback."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise WeightsError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("members"), list) or not config["members"]:
+        raise WeightsError(f"{path} is not a saLM config: it needs a non-empty 'members' list")
+    for i, m in enumerate(config["members"]):
+        if not isinstance(m, dict) or not {"id", "path"} <= set(m):
+            raise WeightsError(f"{path}: member #{i + 1} needs at least 'id' and 'path'")
+        unknown = set(m) - _MEMBER_FIELDS - {"hidden_size"}
+        if unknown:
+            raise WeightsError(
+                f"{path}: member {m['id']!r} has unknown fields {sorted(unknown)} (known: {sorted(_MEMBER_FIELDS)})"
+            )
+    for key in ("head_hidden_dim",):
+        if key in config and (not isinstance(config[key], int) or config[key] < 2):
+            raise WeightsError(f"{path}: {key} must be an integer >= 2, got {config[key]!r}")
+    return config
+
+
+def config_members(config: dict[str, Any]) -> list[ModelInfo]:
+    """The members a (checked) saLM config names."""
+    members = []
+    for m in config["members"]:
+        kw = {k: v for k, v in m.items() if k != "hidden_size"}
+        kw.setdefault("name", kw["id"])
+        members.append(ModelInfo(**kw))
+    return members

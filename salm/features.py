@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from salm.io import atomic_write_json
+from salm.io import atomic_write_json, owner_tag
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -410,7 +410,9 @@ def load_or_build(
     files["gold.bin"] = max(p, 1) * len(model.members) * 4
     files["offsets.bin"] = offsets.nbytes
     need = sum(files.values())
-    tmp = cache_dir / f".{final.name}.tmp-{os.getpid() if dist.world == 1 else 'dist'}"
+    # Named by its owner so a later run can remove it once that process is dead (salm.io.stale_temporaries);
+    # several processes share one folder named for the launch, which each new launch rebuilds.
+    tmp = cache_dir / f".{final.name}.tmp-{owner_tag() if dist.world == 1 else 'dist'}"
     if dist.rank == 0:
         print(
             f"feature cache: {split.name}: {len(split)} examples, {p} loss positions, {len(model.members)} members "

@@ -9,7 +9,9 @@ trajectories match.
 Reproducibility: one seed fixes the head initialisation, the per-epoch shuffling (a generator seeded
 with ``seed + epoch``) and dropout. A checkpoint after every epoch holds heads, optimizer, scheduler and
 RNG state, so a run killed at any moment and resumed with ``--resume`` ends with the same heads as an
-uninterrupted run (tested single-process, on CPU).
+uninterrupted run (tested single-process, on CPU). The output folder is locked for the run
+(:func:`salm.io.output_lock`), and a non-finite loss, gradient or validation NLL stops it before anything
+diverged is applied or saved, naming the step and the last good checkpoint.
 
 Several processes (``accelerate launch`` or ``torchrun``): when ``accelerate.PartialState().num_processes > 1``
 each process extracts every ``world``-th example into the shared cache files, the heads are wrapped in
@@ -23,6 +25,7 @@ processes share), and exact resume with several processes (checkpoints hold rank
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,7 +50,15 @@ from salm.features import (
     load_or_build,
     tokenize_examples,
 )
-from salm.io import CACHE_ENV, atomic_write, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from salm.io import (
+    CACHE_ENV,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    output_lock,
+    report_stale_temporaries,
+)
 from salm.loss import perfect_alignment_loss
 from salm.plotting import figure, save_png
 
@@ -100,6 +111,7 @@ class TrainConfig:
     feature_cache_dir: str | None = None
     plots: bool = True
     progress: bool = True
+    allow_negative_entropy_weight: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -112,6 +124,16 @@ class TrainConfig:
         return cls(**kw)
 
     def validate(self) -> None:
+        """Every setting checked before any work: a NaN or infinite number would train heads into NaN."""
+        ints = ("num_epochs", "batch_size", "warmup_steps", "head_hidden_dim", "seed", "log_every_n_steps")
+        for name in (*ints, "max_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TrainingError(f"--{name} must be an integer, got {v!r}")
+        for name in ("learning_rate", "entropy_weight", "head_dropout", "val_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise TrainingError(f"--{name} must be a finite number, got {v!r}")
         checks = [
             (self.num_epochs >= 1, f"--num_epochs must be >= 1, got {self.num_epochs}"),
             (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
@@ -124,11 +146,23 @@ class TrainConfig:
             (self.loss_on in ("answer", "all"), f"--loss_on must be answer or all, got {self.loss_on!r}"),
             (self.report_to in ("none", "wandb", "tensorboard"), f"unknown --report_to {self.report_to!r}"),
             (0.0 <= self.head_dropout < 1.0, f"--head_dropout must be in [0, 1), got {self.head_dropout}"),
+            (
+                self.head_hidden_dim >= 2,  # the second layer has head_hidden_dim // 2 units: 0 cannot read the input
+                f"--head_hidden_dim must be >= 2, got {self.head_hidden_dim}",
+            ),
+            (
+                self.entropy_weight >= 0 or self.allow_negative_entropy_weight,
+                f"--entropy_weight must be >= 0 (a negative weight rewards confident routing; pass "
+                f"--allow_negative_entropy_weight if that is meant), got {self.entropy_weight}",
+            ),
             (bool(self.datasets), "--datasets needs at least one dataset"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise TrainingError(msg)
+        from salm.members import resolve_device
+
+        resolve_device(self.device)  # a MemberError naming the devices this machine has
 
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
@@ -168,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=d.batch_size, help="examples per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=d.learning_rate)
     parser.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--entropy_weight", type=float, default=d.entropy_weight)
+    parser.add_argument("--entropy_weight", type=float, default=d.entropy_weight, help="router entropy bonus (>= 0)")
     parser.add_argument("--head_hidden_dim", type=int, default=d.head_hidden_dim)
     parser.add_argument("--head_dropout", type=float, default=d.head_dropout)
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -187,23 +221,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--feature_cache_dir", default=None, help=f"default: <output_dir>/feature_cache, or ${CACHE_ENV}/features"
     )
     parser.add_argument("--no_plots", action="store_true", help="skip loss_curves.png and routing_share.png")
+    parser.add_argument(
+        "--allow_negative_entropy_weight", action="store_true", help="accept --entropy_weight < 0 (an entropy penalty)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from salm.data import DataFormatError, DatasetUnavailableError
+    from salm.io import OutputLockedError
 
     try:
         result = train(TrainConfig.from_args(args))
     except (
         TrainingError, TokenizationError, FeatureCacheError, DataFormatError, DatasetUnavailableError,
-        FileNotFoundError, IsADirectoryError,
+        FileNotFoundError, IsADirectoryError, OutputLockedError,
     ) as e:  # fmt: skip
         print(f"salm train: error: {e}", file=sys.stderr)
         return 2
     if result.report is not None:
+        saved = [str(result.output_dir / f) for f in (BEST_DIR, BEST_HEADS) if (result.output_dir / f).exists()]
         print(
-            f"best val NLL {result.best_val_nll:.4f} (epoch {result.best_epoch}); heads in "
-            f"{result.output_dir / BEST_DIR} and {result.output_dir / BEST_HEADS}",
+            f"best val NLL {result.best_val_nll:.4f} (epoch {result.best_epoch}); "
+            + (f"heads in {' and '.join(saved)}" if saved else "no best heads were saved"),
             file=sys.stderr,
         )
     return 0
@@ -230,7 +269,13 @@ def _distributed(device: str | None) -> tuple[Dist, torch.device | None]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), None
-    from accelerate import PartialState
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        raise TrainingError(
+            f"training with several processes (WORLD_SIZE={world}, from torchrun or accelerate launch) needs the "
+            "accelerate package: pip install 'salm[multigpu]'"
+        ) from None
 
     state = PartialState(cpu=(device or "").startswith("cpu") or not torch.cuda.is_available())
     if state.num_processes != world:
@@ -456,6 +501,38 @@ def _cpu_state(model: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+_CHECKPOINT_KEYS = ("heads", "optimizer", "scheduler", "rng", "epoch", "global_step", "num_epochs", "best_val_nll",
+                    "best_epoch", "resume_view")  # fmt: skip
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """``checkpoint_last.pt`` for ``--resume``; an unreadable, truncated or foreign file is a TrainingError."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError, OSError, RuntimeError ... all mean the same here
+        raise TrainingError(
+            f"--resume: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is "
+            "truncated or not a saLM checkpoint. Delete it to start afresh, or use another --output_dir"
+        ) from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise TrainingError(f"--resume: {path} is not a saLM training checkpoint (missing {missing})")
+    return ck
+
+
+def _diverged(what: str, step: int, epoch: int, ckpt: Path, last_good: tuple[int, int] | None) -> str:
+    where = (
+        f"the last good checkpoint is {ckpt} (epoch {last_good[0]}, step {last_good[1]}; --resume restarts from it "
+        "with the same settings, so change them and use a new --output_dir)"
+        if last_good
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"training diverged at step {step} (epoch {epoch}): {what} is not finite; nothing from this epoch was "
+        f"saved. Lower --learning_rate or check the data; {where}"
+    )
+
+
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in now if saved.get(k) != now[k]]
     if diffs:
@@ -477,10 +554,30 @@ def train(
     ``stop_after_epoch`` ends the run right after that epoch's checkpoint, as a kill at that moment
     would (no final outputs), so a later ``resume=True`` run continues the same schedule.
     """
-    timing: dict[str, float] = {}
     t_start = time.perf_counter()
     cfg.validate()
     dist, dist_device = _distributed(cfg.device)
+    main = dist.rank == 0
+    out = Path(cfg.output_dir)
+    # One run per output folder: a second one would interleave metrics.jsonl and overwrite the heads.
+    with output_lock(out, "salm train") if main else contextlib.nullcontext():
+        if main:
+            report_stale_temporaries(out, recursive=True, untagged=True, prog="salm train")
+            if cfg.feature_cache:
+                report_stale_temporaries(cfg.cache_dir(), prog="salm train")
+        return _train(cfg, model, data, dist, dist_device, stop_after_epoch, t_start)
+
+
+def _train(
+    cfg: TrainConfig,
+    model: Any,
+    data: Any,
+    dist: Dist,
+    dist_device: torch.device | None,
+    stop_after_epoch: int | None,
+    t_start: float,
+) -> TrainResult:
+    timing: dict[str, float] = {}
     main = dist.rank == 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -497,6 +594,15 @@ def train(
         except ValueError as e:  # duplicate names, no validation rows, ...: the user's to fix
             raise TrainingError(str(e)) from e
     timing["data_s"] = time.perf_counter() - t
+    if main:
+        for name, d in getattr(data, "report", {}).get("datasets", {}).items():
+            if d.get("empty_answers_skipped"):
+                print(f"{name}: skipped {d['empty_answers_skipped']} row(s) with an empty answer", file=sys.stderr)
+            if d.get("val_duplicates_dropped"):
+                print(
+                    f"{name}: dropped {d['val_duplicates_dropped']} validation row(s) that also occur in training",
+                    file=sys.stderr,
+                )
 
     t = time.perf_counter()
     if model is None:
@@ -569,8 +675,9 @@ def train(
     log = MetricsLog(out / METRICS, enabled=main)
     ckpt_path = out / CHECKPOINT
     resumed = False
+    last_good: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk from this run
     if cfg.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = _load_checkpoint(ckpt_path)
         _check_resume(ck["resume_view"], resume_view, ckpt_path)
         if ck["num_epochs"] != cfg.num_epochs:
             warnings.warn(
@@ -583,6 +690,7 @@ def train(
         scheduler.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
         start_epoch, step, best_val, best_epoch = ck["epoch"], ck["global_step"], ck["best_val_nll"], ck["best_epoch"]
+        last_good = (start_epoch, step)
         log.truncate(step)
         resumed = True
         if main:
@@ -622,7 +730,12 @@ def train(
                 lo = perfect_alignment_loss(router_logits, gold, None, cfg.entropy_weight)
                 optimizer.zero_grad(set_to_none=True)
                 lo.loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if not (torch.isfinite(lo.loss.detach()) and torch.isfinite(grad_norm)):
+                    raise TrainingError(
+                        _diverged(f"loss {float(lo.loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}", step + 1,
+                                  epoch + 1, ckpt_path, last_good)
+                    )  # fmt: skip
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -637,6 +750,10 @@ def train(
                     window = _Stats(len(ids))
             bar.close()
             metrics, _ = evaluate(model, val_f, val_tok, cfg.entropy_weight, eval_batch)
+            if not math.isfinite(metrics["val/nll"]):
+                raise TrainingError(
+                    _diverged(f"validation NLL {metrics['val/nll']}", step, epoch + 1, ckpt_path, last_good)
+                )
             emit({"step": step, "epoch": epoch + 1, **metrics})
             if metrics["val/nll"] < best_val:
                 best_val, best_epoch = metrics["val/nll"], epoch + 1
@@ -660,6 +777,7 @@ def train(
                         "resume_view": resume_view,
                     },
                 )
+            last_good = (epoch + 1, step)
             dist.barrier()
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.num_epochs:
                 return TrainResult(out, epoch + 1, step, best_val, best_epoch, None, None, None, model)
@@ -708,12 +826,16 @@ def train(
             },
             "timing": {**{k: round(v, 3) for k, v in timing.items()}, "resumed": resumed},
             "steps": {"per_epoch": steps_per_epoch, "total": step, "epochs": cfg.num_epochs, "processes": dist.world},
-            "outputs": {
-                "best_heads": BEST_HEADS,
-                "best_model": BEST_DIR,
-                "final_model": FINAL_DIR,
-                "checkpoint": CHECKPOINT,
-                "metrics": METRICS,
+            "outputs": {  # only what exists: a report never points at a file that was not written
+                k: v
+                for k, v in (
+                    ("best_heads", BEST_HEADS),
+                    ("best_model", BEST_DIR),
+                    ("final_model", FINAL_DIR),
+                    ("checkpoint", CHECKPOINT),
+                    ("metrics", METRICS),
+                )
+                if (out / v).exists()
             },  # fmt: skip
         }
         atomic_write_json(out / REPORT, report)

@@ -34,7 +34,14 @@ from salm.evaluation.analysis import (
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
 from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, generic_task
 from salm.generation import GenerationError, check_decoding, prompt_budget
-from salm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from salm.io import (
+    OutputLockedError,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    output_lock,
+    report_stale_temporaries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -555,7 +562,21 @@ def evaluate(
     already in hand (sampled with ``settings.sample_size`` like loaded ones). ``data`` maps task names to
     local files. ``skipped`` adds datasets the caller already gave up on to the reports. Writes every
     output file under ``output_dir`` and returns the summary (also ``evaluation_summary.json``).
+    Holds ``output_dir``'s lock (:func:`salm.io.output_lock`) throughout: two runs never mix their files.
     """
+    with output_lock(output_dir, "salm evaluate"):
+        report_stale_temporaries(output_dir, recursive=True, untagged=True, prog="salm evaluate")
+        return _evaluate(model, tasks, output_dir, settings, data, skipped)
+
+
+def _evaluate(
+    model: Any,
+    tasks: Sequence[TaskSpec],
+    output_dir: str | Path,
+    settings: EvalSettings | None,
+    data: Mapping[str, str] | None,
+    skipped: Mapping[str, str] | None,
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     settings = settings or EvalSettings()
@@ -747,8 +768,13 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         logger.warning("evaluating with untrained routing heads")
-    model = load_ensemble(args, args.model_weights)
     out_dir = Path(args.output_dir)
-    summary = evaluate(model, runs, out_dir, settings, skipped=skipped)
+    try:
+        with output_lock(out_dir, "salm evaluate"):  # before the members load: a second run fails at once
+            model = load_ensemble(args, args.model_weights)
+            summary = evaluate(model, runs, out_dir, settings, skipped=skipped)
+    except OutputLockedError as e:
+        print(f"salm evaluate: error: {e}", file=sys.stderr)
+        return 2
     _print_summary(summary, out_dir)
     return 0
