@@ -216,6 +216,11 @@ def _prompt_list(prompt: Any) -> list[str]:
     for i, p in enumerate(prompt):
         if not isinstance(p, str):
             raise GenerationError(f"prompt {i} is {type(p).__name__}, not a string")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # the tokenizer would fail with a raw TypeError
+            bad = p[e.start]
+            raise GenerationError(f"prompt {i} holds an unpaired surrogate {bad!r} at position {e.start}") from None
     return prompt
 
 

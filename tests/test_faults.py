@@ -206,13 +206,14 @@ def _try_lock(folder):
         return "PID " + str(e).split("PID ")[1].split(",")[0]
 
 
-def test_evaluate_cli_fails_before_loading_members_when_locked(tiny_infos, tmp_path, capsys):
+def test_evaluate_cli_fails_before_loading_members_when_locked(tiny_infos, tmp_path, capsys, monkeypatch):
     data = _write_jsonl(tmp_path / "qa.jsonl", ROWS[:2])
     members = write_member_set(tmp_path / "m.json", tiny_infos)
     out = tmp_path / "eval"
     argv = ["evaluate", "--models", str(members), "--data", f"qa={data}", "--datasets", "qa", "--output_dir", str(out),
             "--device", "cpu", "--max_new_tokens", "2", "--no_plots"]  # fmt: skip
     th_ready, th_release = threading.Event(), threading.Event()
+    monkeypatch.setattr("salm.cli.load_ensemble", lambda *a, **k: pytest.fail("members loaded despite the lock"))
 
     def hold():
         with output_lock(out):

@@ -68,6 +68,7 @@ def test_generation_never_flips_the_models_mode_and_routes_with_eval_heads(tiny_
         ({"prompt": 123}, "prompt must be a string or a list of strings, got int"),
         ({"prompt": b"hello"}, "prompt must be a string or a list of strings, got bytes"),
         ({"prompt": None}, "prompt must be a string or a list of strings, got NoneType"),
+        ({"prompt": ["ok", "bad \ud800"]}, r"prompt 1 holds an unpaired surrogate '\\ud800' at position 4"),
         ({"stop": 5}, "stop must be a string or a list of strings, got 5"),
         ({"stop": [1]}, r"stop must be a string or a list of strings, got \[1\]"),
         ({"routing": None}, "routing must be a string .*got NoneType"),
