@@ -522,14 +522,14 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _diverged(what: str, step: int, epoch: int, ckpt: Path, last_good: tuple[int, int] | None) -> str:
     where = (
-        f"the last good checkpoint is {ckpt} (epoch {last_good[0]}, step {last_good[1]}; --resume restarts from it "
-        "with the same settings, so change them and use a new --output_dir)"
+        f"the last good checkpoint is {ckpt} (epoch {last_good[0]}, step {last_good[1]})"
         if last_good
         else "no checkpoint was written before it"
     )
     return (
-        f"training diverged at step {step} (epoch {epoch}): {what} is not finite; nothing from this epoch was "
-        f"saved. Lower --learning_rate or check the data; {where}"
+        f"training diverged at step {step} (epoch {epoch}): {what} is not finite; this epoch's heads were not "
+        "saved. Lower --learning_rate (in a new --output_dir: --resume refuses changed settings) or check the "
+        f"data; {where}"
     )
 
 
