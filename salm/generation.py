@@ -2,8 +2,10 @@
 
 At every step each member reads only the newly emitted token (its own cache holds the rest), the
 heads score the members' final hidden states, and a routing rule picks whose distribution the next
-token comes from. ``routing="member:<id>"`` runs the very same loop with the choice forced, which is
-what makes member-vs-ensemble comparisons fair.
+token comes from. ``routing="member:<id>"`` runs the very same loop with only that member (the heads
+need every member, so they are skipped), which is what makes member-vs-ensemble comparisons fair and
+costs one member forward per token. The member forwards live in :func:`ensemble_step`, shared by the
+dynamic path (growing caches) and the static one (:mod:`salm.fast_decode`, fixed shapes, compilable).
 """
 
 from __future__ import annotations
@@ -268,6 +270,64 @@ def _left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.
     return ids, mask
 
 
+def members_to_run(routing: Routing, n_members: int) -> tuple[int, ...]:
+    """The members a routing needs at every step: the forced one for ``member:<id>``, else all of them."""
+    return (routing.member,) if routing.mode == "member" else tuple(range(n_members))
+
+
+def ensemble_step(
+    model,
+    run: Sequence[int],
+    heads: bool,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    caches: Sequence[Any],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Members ``run`` read ``input_ids`` -> (their last-position logits [B, R, V], routing probs [B, M] or None).
+
+    The one place where every running member's next-token scores exist at a step (per-member features
+    such as confidences hook in here). ``heads`` scores the members' final hidden states (all members
+    must run). The dynamic and the static paths both call this; the static path compiles it whole.
+    """
+    hidden, logits = [], []
+    for i, cache in zip(run, caches):
+        h, lg, _ = model.run_member(i, input_ids, attention_mask, position_ids, cache, slice(-1, None))
+        hidden.append(h[:, -1])
+        logits.append(lg[:, -1])
+    probs = None
+    if heads:
+        with torch.no_grad():
+            probs = torch.softmax(model.router_logits(hidden), dim=-1)
+    return torch.stack(logits, 1), probs
+
+
+class _DynamicStepper:
+    """Growing caches (``DynamicCache``) and mask; with ``use_cache=False`` every step recomputes the whole
+    sequence (the reference both cached paths are tested against)."""
+
+    def __init__(self, model, run: tuple[int, ...], heads: bool, mask: torch.Tensor, use_cache: bool):
+        from transformers import DynamicCache
+
+        self.model, self.run, self.heads, self.mask = model, run, heads, mask
+        self.use_cache = use_cache
+        self.caches = [DynamicCache(config=model.members[i].config) if use_cache else None for i in run]
+
+    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.ids = ids
+        pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches)
+
+    def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        if self.use_cache:
+            feed_ids, feed_pos = token[:, None], self.mask.sum(-1, keepdim=True) - 1
+        else:
+            self.ids = torch.cat([self.ids, token[:, None]], dim=1)
+            feed_ids, feed_pos = self.ids, (self.mask.cumsum(-1) - 1).clamp(min=0)
+        return ensemble_step(self.model, self.run, self.heads, feed_ids, self.mask, feed_pos, self.caches)
+
+
 def decode_steps(
     model,
     input_ids: torch.Tensor,
@@ -279,40 +339,44 @@ def decode_steps(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], members [B], routing probs [B, M]) per step; the caller decides when to stop.
 
-    With ``use_cache=False`` every step recomputes the whole sequence (the reference the cached path
-    is tested against).
+    Only the members the routing needs run (:func:`members_to_run`): ``member:<id>`` runs that member
+    alone, and since the heads need every member's hidden state, its routing probs are then one-hot on the
+    forced member (the routing actually used) rather than the heads' opinion. At most
+    ``min(max_new_tokens, context - prompt width)`` steps are yielded (a sequence never exceeds the context).
+    ``cache_implementation="static"`` (implied by ``compile``) decodes over preallocated static caches in
+    fixed shapes (:mod:`salm.fast_decode`); ``use_cache=False`` recomputes everything at every step.
     """
-    from transformers import DynamicCache
-
-    device = model.device
     M = len(model.members)
-    ids, mask = input_ids.to(device), attention_mask.to(device)
-    caches = [DynamicCache(config=m.config) if use_cache else None for m in model.members]
+    ids, mask = input_ids.to(model.device), attention_mask.to(model.device)
     ctx = model.context_length
-    last = slice(-1, None)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    feed_ids, feed_pos = ids, pos
-    for step in range(max_new_tokens):
-        hidden, logits = [], []
-        for i in range(M):
-            h, lg, _ = model.run_member(i, feed_ids, mask, feed_pos, caches[i], last)
-            hidden.append(h[:, -1])
-            logits.append(lg[:, -1])
-        with torch.no_grad():
-            probs = torch.softmax(model.router_logits(hidden), dim=-1)
-        token, member = choose_tokens(torch.stack(logits, 1), probs, routing, temperature, top_k, top_p, generator)
-        yield token, member, probs
-        if step + 1 == max_new_tokens or (ctx is not None and mask.shape[1] + 1 >= ctx):
+    steps = min(max_new_tokens, ctx - ids.shape[1]) if ctx is not None else max_new_tokens
+    run = members_to_run(routing, M)
+    heads = routing.mode != "member"
+    if use_cache and (compile or cache_implementation == "static"):
+        from salm.fast_decode import StaticStepper
+
+        stepper: Any = StaticStepper(model, run, heads, mask, steps, compile)
+    elif cache_implementation in ("dynamic", "static"):
+        stepper = _DynamicStepper(model, run, heads, mask, use_cache)
+    else:
+        raise GenerationError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
+    local = Routing("member", member=0) if routing.mode == "member" else routing
+    members_run = torch.tensor(run, dtype=torch.long, device=model.device)
+    logits, probs = stepper.prefill(ids)
+    for step in range(steps):
+        if probs is None:  # member routing: the forced member carries all the weight
+            probs = torch.zeros(ids.shape[0], M, device=model.device)
+            probs[:, routing.member] = 1.0
+        token, member = choose_tokens(logits, probs[:, list(run)], local, temperature, top_k, top_p, generator)
+        yield token, members_run[member], probs
+        if step + 1 == steps:
             return
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if use_cache:
-            feed_ids, feed_pos = token[:, None], mask.sum(-1, keepdim=True) - 1
-        else:
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            feed_ids, feed_pos = ids, (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, probs = stepper.step(token)
 
 
 def _stop_index(text: str, stop: Sequence[str]) -> int:
@@ -337,6 +401,8 @@ def generate(
     streamer: Callable[[int, TokenDecision], None] | None = None,
     return_outputs: bool = False,
     progress: bool = False,
+    cache_implementation: str = "dynamic",
+    compile: bool = False,
 ):
     """Generate with per-token routing.
 
@@ -346,11 +412,19 @@ def generate(
     ``return_outputs`` returns :class:`GenerationOutput` objects instead. Generation stops at any
     member's EOS id, at a ``stop`` string (cut from the text) or after ``max_new_tokens``.
     ``temperature=0`` is greedy. ``streamer(row, decision)`` is called for every token as it is made.
+
+    ``cache_implementation="static"`` decodes over preallocated per-member static caches in fixed shapes;
+    ``compile=True`` (implies static) also compiles the whole decode step with ``torch.compile`` (CUDA graphs
+    on a GPU), paying a warm-up once per shape bucket (see :mod:`salm.fast_decode`); both emit the tokens of
+    the default path (greedy: identical up to floating-point ties). Without a working ``torch.compile`` it
+    warns once and decodes uncompiled.
     """
     single = isinstance(prompt, str)
     prompts = _prompt_list(prompt)
     check_decoding(max_new_tokens, temperature, top_p, top_k, routing, stop, seed, batch_size)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if cache_implementation not in ("dynamic", "static"):
+        raise GenerationError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
     rt = parse_routing(routing, model.model_ids)
     encoded = encode_prompts(model, prompts, truncate, room=max_new_tokens)
     generator = None
@@ -384,6 +458,8 @@ def generate(
                 stops,
                 streamer,
                 rows,
+                cache_implementation,
+                compile,
             )
             for i, o in zip(rows, outs):
                 results[i] = o
@@ -403,7 +479,20 @@ def generate(
 
 
 def _generate_batch(
-    model, encoded, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache, stops, streamer, rows
+    model,
+    encoded,
+    max_new_tokens,
+    rt,
+    temperature,
+    top_k,
+    top_p,
+    generator,
+    use_cache,
+    stops,
+    streamer,
+    rows,
+    cache_implementation="dynamic",
+    compile=False,
 ) -> list[GenerationOutput]:
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(model.eos_token_ids), 0)
@@ -414,7 +503,10 @@ def _generate_batch(
     probs_hist: list[list[list[float]]] = [[] for _ in range(B)]
     reason = ["length"] * B
     done = [False] * B
-    steps = decode_steps(model, ids, mask, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache)
+    steps = decode_steps(
+        model, ids, mask, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache,
+        cache_implementation, compile,
+    )  # fmt: skip
     n_steps = 0
     for token, member, probs in steps:
         n_steps += 1
