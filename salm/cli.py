@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--raw", action="store_true", help="send the prompt as is (default: the Question/Answer template)"
     )
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument(
+        "--compile", action="store_true", help="static caches + torch.compile'd decode step (pays a warm-up first)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     print(legend(model.model_ids, colour), file=sys.stderr)
     tokens = model.stream(
         prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop,
+        top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop, compile=args.compile,
     )  # fmt: skip
     printed = print_decisions(tokens, model.model_ids, sys.stdout, colour)
     if not printed:
@@ -74,7 +77,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         shares = member_shares(printed, model.model_ids)
         print(", ".join(f"{m} {v:.0%}" for m, v in shares.items()) + f" of {len(printed)} tokens", file=sys.stderr)
+    if args.compile:
+        print_warmups(model)
     return 0
+
+
+def print_warmups(model) -> None:
+    """What ``--compile`` cost up front: one line per compiled shape bucket."""
+    from salm.fast_decode import warmup_report
+
+    for w in warmup_report(model):
+        print(
+            f"compiled the decode step of {', '.join(w.members)} (batch {w.batch}, cache {w.cache_len}) "
+            f"in {w.seconds:.1f}s",
+            file=sys.stderr,
+        )
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:

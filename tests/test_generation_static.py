@@ -158,3 +158,40 @@ def test_inductor_compiled_step_equals_dynamic(tiny_ensemble):
     kw = dict(max_new_tokens=6, routing="member:tiny-0")
     _same(_outs(ens, PROMPTS[:1], compile=True, **kw), _outs(ens, PROMPTS[:1], **kw))
     assert [(w.members, w.batch) for w in fast_decode.warmup_report(ens)] == [(("tiny-0",), 1)]
+
+
+def test_compile_flag_of_generate_and_evaluate(tiny_infos, tmp_path, monkeypatch, capsys):
+    """``--compile`` reaches generation: same answers as without it, and the warm-ups are reported."""
+    import json
+
+    from salm.cli import main
+    from salm.testing import write_member_set
+    from tests.test_evaluation import _math_examples
+
+    _aot_eager(monkeypatch)
+    members = str(write_member_set(tmp_path / "members.json", tiny_infos))
+    common = ["--models", members, "--device", "cpu", "--temperature", "0"]
+    answers = []
+    for extra in ([], ["--compile"]):
+        torch.manual_seed(0)  # the same untrained heads in both runs
+        assert main(["generate", *common, "--max_new_tokens", "6", *extra, "What is 2 + 3?"]) == 0
+        captured = capsys.readouterr()
+        answers.append(captured.out)
+    assert answers[0] == answers[1] and answers[0].strip()
+    assert "compiled the decode step of tiny-0, tiny-1, tiny-2 (batch 1, cache 256) in" in captured.err
+
+    data = tmp_path / "arith.jsonl"
+    data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in _math_examples(3)))
+    outputs = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"out{len(extra)}"
+        argv = ["evaluate", *common, "--datasets", "arith", "--data", f"arith={data}", "--max_new_tokens", "4",
+                "--only_ensemble", "--no_plots", "--no_teacher_forced", "--output_dir", str(out), *extra]  # fmt: skip
+        torch.manual_seed(0)
+        assert main(argv) == 0
+        summary = json.loads((out / "evaluation_summary.json").read_text())
+        assert summary["settings"]["compile"] is bool(extra)
+        rows = (out / "arith" / "predictions.jsonl").read_text().splitlines()
+        outputs.append(sorted((r["model"], r["output"]) for r in map(json.loads, rows)))
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 3
+    assert "(batch 4, cache 256)" in capsys.readouterr().err  # 3 prompts run in the batch-4 bucket

@@ -92,6 +92,7 @@ class EvalSettings:
     split: str | None = None
     weights: str | None = None
     progress: bool = True
+    compile: bool = False  # static caches + compiled decode step; same tokens, so not part of the resume key
 
     def validate(self) -> None:
         problems = []
@@ -334,6 +335,7 @@ def _generate_or_reuse(
         truncate="left",
         return_outputs=True,
         progress=settings.progress,
+        compile=settings.compile,
     )
     atomic_write_jsonl(path, (o.to_dict() for o in outputs))
     return outputs
@@ -658,6 +660,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--routing", default="argmax", help="ensemble routing: argmax | mixture | threshold:<p>")
     parser.add_argument(
+        "--compile", action="store_true", help="static caches + torch.compile'd decode step (a warm-up per batch shape)"
+    )
+    parser.add_argument(
         "--medqa_mode",
         choices=CHOICE_MODES,
         default="both",
@@ -749,6 +754,7 @@ def run(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
             split=args.split,
             weights=args.model_weights,
+            compile=args.compile,
         )
         settings.validate()
     except ValueError as e:
@@ -777,4 +783,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"salm evaluate: error: {e}", file=sys.stderr)
         return 2
     _print_summary(summary, out_dir)
+    if settings.compile:
+        from salm.cli import print_warmups
+
+        print_warmups(model)
     return 0
