@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,7 @@ class StaticStepper:
         self.mask[:, :width] = mask
         self.pos = mask.sum(-1, keepdim=True)  # position of the first generated token, per row
         self.caches = _caches(model, run, self.batch, self.length)
+        self.live = torch.arange(self.rows, device=mask.device)  # caller rows in the batch, in slot order
         self._fn = _compiled_step(model, run, heads) if self.compile else None
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -161,12 +163,21 @@ class StaticStepper:
         self._check_room(ids.shape[1])
         return self._trim(ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches))
 
-    def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed one token per row (``token`` [rows]) at fixed shapes; compiled when asked."""
+    def step(
+        self, token: torch.Tensor, finished: Sequence[bool] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed one token per row (``token`` [rows]) at fixed shapes; compiled when asked.
+
+        Rows marked ``finished`` stop costing work where the shape allows: once the live rows fit a smaller
+        batch bucket, they move (cache rows copied) into that bucket. Outputs keep the caller's ``rows``
+        order; a finished row's outputs are those of a live row (the caller ignores them).
+        """
         from salm.generation import ensemble_step
 
         self._check_room(1)
-        ids, pos = self._pad_rows(token[:, None]), self.pos
+        if finished is not None:
+            self._shrink(finished)
+        ids, pos = self._pad_rows(token[self.live][:, None]), self.pos
         self.pos = self.pos + 1
         if self._fn is not None:
             out = self._compiled(ids, pos)
@@ -180,9 +191,31 @@ class StaticStepper:
         self.fed += n
 
     def _pad_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.batch > self.rows:
-            ids = torch.cat([ids, ids[-1:].expand(self.batch - self.rows, -1)], 0)
+        n = ids.shape[0]
+        if self.batch > n:
+            ids = torch.cat([ids, ids[-1:].expand(self.batch - n, -1)], 0)
         return ids
+
+    def _shrink(self, finished: Sequence[bool]) -> None:
+        """Move the live rows into a smaller batch bucket when they fit one (the cache rows are copied)."""
+        live = [r for r in self.live.tolist() if not finished[r]]
+        if not live or batch_bucket(len(live), self.compile) >= self.batch:
+            return
+        where = {r: k for k, r in enumerate(self.live.tolist())}  # caller row -> slot in the current batch
+        batch = batch_bucket(len(live), self.compile)
+        sel = torch.tensor([where[r] for r in live] + [where[live[-1]]] * (batch - len(live)), device=self.pos.device)
+        caches = _caches(self.model, self.run, batch, self.length)
+        for old, new in zip(self.caches, caches):
+            for lo, ln in zip(old.layers, new.layers):
+                keys, values = lo.keys.index_select(0, sel), lo.values.index_select(0, sel)
+                if not ln.is_initialized:
+                    ln.lazy_initialization(keys, values)
+                ln.keys.copy_(keys)
+                ln.values.copy_(values)
+                ln.cumulative_length.copy_(lo.cumulative_length)
+        self.caches, self.batch = caches, batch
+        self.mask, self.pos = self.mask.index_select(0, sel), self.pos.index_select(0, sel)
+        self.live = torch.tensor(live, device=self.pos.device)
 
     def _compiled(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """One compiled step; None (and uncompiled from then on) when compilation fails on a new bucket."""
@@ -220,8 +253,15 @@ class StaticStepper:
         return logits, None if probs is None else probs.clone()
 
     def _trim(self, out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Outputs for the caller's rows, in its order (a finished row gets the first live row's outputs)."""
         logits, probs = out
-        if self.batch > self.rows:
-            logits = logits[: self.rows]
-            probs = None if probs is None else probs[: self.rows]
+        n = self.live.shape[0]
+        if n == self.rows:
+            index = None if self.batch == self.rows else slice(0, self.rows)
+        else:
+            index = torch.zeros(self.rows, dtype=torch.long, device=logits.device)
+            index[self.live] = torch.arange(n, device=logits.device)
+        if index is not None:
+            logits = logits[index]
+            probs = None if probs is None else probs[index]
         return logits, probs

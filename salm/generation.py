@@ -318,7 +318,9 @@ class _DynamicStepper:
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
         return ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches)
 
-    def step(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(
+        self, token: torch.Tensor, finished: Sequence[bool] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         if self.use_cache:
             feed_ids, feed_pos = token[:, None], self.mask.sum(-1, keepdim=True) - 1
@@ -341,6 +343,7 @@ def decode_steps(
     use_cache: bool = True,
     cache_implementation: str = "dynamic",
     compile: bool = False,
+    finished: Sequence[bool] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (tokens [B], members [B], routing probs [B, M]) per step; the caller decides when to stop.
 
@@ -350,6 +353,9 @@ def decode_steps(
     ``min(max_new_tokens, context - prompt width)`` steps are yielded (a sequence never exceeds the context).
     ``cache_implementation="static"`` (implied by ``compile``) decodes over preallocated static caches in
     fixed shapes (:mod:`salm.fast_decode`); ``use_cache=False`` recomputes everything at every step.
+    ``finished`` is the caller's live per-row record of rows it no longer needs (updated between steps):
+    the static path moves the other rows into a smaller batch bucket when they fit one; a finished row's
+    later outputs are meaningless.
     """
     M = len(model.members)
     ids, mask = input_ids.to(model.device), attention_mask.to(model.device)
@@ -376,7 +382,7 @@ def decode_steps(
         yield token, members_run[member], probs
         if step + 1 == steps:
             return
-        logits, probs = stepper.step(token)
+        logits, probs = stepper.step(token, finished)
 
 
 def _stop_index(text: str, stop: Sequence[str]) -> int:
@@ -505,7 +511,7 @@ def _generate_batch(
     done = [False] * B
     steps = decode_steps(
         model, ids, mask, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache,
-        cache_implementation, compile,
+        cache_implementation, compile, done,
     )  # fmt: skip
     n_steps = 0
     for token, member, probs in steps:

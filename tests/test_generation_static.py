@@ -195,3 +195,17 @@ def test_compile_flag_of_generate_and_evaluate(tiny_infos, tmp_path, monkeypatch
         outputs.append(sorted((r["model"], r["output"]) for r in map(json.loads, rows)))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 3
     assert "(batch 4, cache 256)" in capsys.readouterr().err  # 3 prompts run in the batch-4 bucket
+
+
+def test_finished_rows_leave_the_compiled_batch(tiny_ensemble, monkeypatch):
+    """Once the live rows fit a smaller batch bucket they move there (cache rows copied): same tokens."""
+    _aot_eager(monkeypatch)
+    ens = fresh(tiny_ensemble, seed=4)
+    free = _outs(ens, PROMPTS, max_new_tokens=12)
+    early = next(t for t in free[1]["token_ids"][1:4] if t not in free[0]["token_ids"])
+    ens.eos_token_ids = set(ens.eos_token_ids) | {early}  # row 1 ends within 4 tokens, row 0 runs on
+    dynamic = _outs(ens, PROMPTS, max_new_tokens=12)
+    _same(_outs(ens, PROMPTS, max_new_tokens=12, compile=True), dynamic)
+    assert dynamic[1]["stop_reason"] == "eos" and len(dynamic[0]["token_ids"]) == 12
+    buckets = [w.batch for w in fast_decode.warmup_report(ens)]
+    assert buckets[0] == 4 and min(buckets) < 4
