@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bw, label = assumed_bandwidth(env["device_name"])
     total_bytes = sum(common.weight_bytes(m) for m in members)
     floor = total_bytes / bw if bw else None
-    rows, warm, contention = [], {}, []
+    rows, warm = [], {}
     for bs in args.batch_sizes:
         common.log(f"batch {bs}: warm-up (compilation and graph capture for this shape)")
         jobs = build_jobs(tok, members[0], ens, bs, args.prompt_tokens, args.new_tokens, device)
@@ -135,8 +135,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"batch {bs}: compiled {row['ms_per_step']['ensemble_compiled']:.2f} ms/step, "
             f"dynamic {row['ms_per_step']['ensemble_dynamic']:.2f}" + (f", floor {1e3 * floor:.2f} ms" if floor else "")
         )
-    if device.startswith("cuda"):
-        env["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if device.startswith("cuda"):
+            env["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        write(args, result(args, env, dtype, members, total_bytes, bw, label, floor, ens, rows, t_start))
+    return result(args, env, dtype, members, total_bytes, bw, label, floor, ens, rows, t_start)
+
+
+def write(args: argparse.Namespace, res: dict[str, Any]) -> Path:
+    """Written after every batch size: a run cut short by the device's time limit still leaves its numbers."""
+    return common.write_json(args.out, res)
+
+
+def result(args, env, dtype, members, total_bytes, bw, label, floor, ens, rows, t_start) -> dict[str, Any]:
+    import salm.fast_decode as fast_decode
+
     b1 = next((r for r in rows if r["batch_size"] == 1), None)
     return {
         "benchmark": "decode_gpu",
@@ -146,7 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "architecture": "qwen2.5-1.5b",
             "layers": members[0].config.num_hidden_layers,
             "dtype": str(dtype).replace("torch.", ""),
-            "device": device,
+            "device": args.device,
             "weight_bytes_total": total_bytes,
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
@@ -159,7 +171,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bandwidth": {"assumed_bytes_per_s": bw, "source": label, "floor_ms_per_step": floor and 1e3 * floor},
         "compile_warmups": [w.__dict__ for w in fast_decode.warmup_report(ens)],
         "results": rows,
-        "contention": contention,
         "targets": {
             "batch1_over_floor_max": 5.0,
             "batch1_over_floor": b1 and b1.get("over_floor", {}).get("ensemble_compiled"),
@@ -195,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_tokens = min(args.prompt_tokens, 16)
     if args.out is None:
         args.out = str(Path(common.tempfile_dir()) / "salm_decode_gpu_quick.json") if args.quick else default_out
-    result = run(args)
-    path = common.write_json(args.out, result)
-    for r in result["results"]:
+    res = run(args)
+    path = write(args, res)
+    for r in res["results"]:
         s = r["ms_per_step"]
         fl = r.get("floor_ms_per_step")
         ev = r["gsm8k_evaluation"]
@@ -209,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             f"GSM8K eval (ensemble + {r['n_members']} members) ≤ {ev['compiled_h']:.2f} h "
             f"(previous path {ev['previous_path_h']:.2f} h)"
         )
-    for w in result["compile_warmups"]:
+    for w in res["compile_warmups"]:
         print(f"warm-up: {', '.join(w['members'])} batch {w['batch']} cache {w['cache_len']}: {w['seconds']:.1f}s")
-    common.log(f"wrote {path} in {result['runtime_s']:.0f}s")
+    common.log(f"wrote {path} in {res['runtime_s']:.0f}s")
     return 0
 
 
