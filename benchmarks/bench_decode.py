@@ -109,12 +109,9 @@ def per_step(times: dict[str, list[float]], job: str, new_tokens: int) -> list[f
 
 
 def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, arch: str, layers: int | None) -> dict[str, Any]:
-    from salm.fast_decode import warmup_report
-
     t_start = time.perf_counter()
     tok, members, ensembles = bench_generation.build(arch, layers, args.members, dtype, device)
     ens = ensembles[args.members]
-    n_members = len(members)
     jobs, warm, times, contention = {}, {}, {}, []
     for bs in args.batch_sizes:
         common.log(f"batch {bs}: warm-up (compiles for this shape)")
@@ -143,11 +140,35 @@ def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, arch: str
             }
         )
         common.log(f"repeat {r + 1} done in {time.perf_counter() - t_rep:.0f}s (other processes: {others} cores)")
+        common.write_json(
+            args.out, summarise(args, device, dtype, arch, members, ensembles, times, warm, contention, t_start)
+        )
+    return summarise(args, device, dtype, arch, members, ensembles, times, warm, contention, t_start)
+
+
+def summarise(
+    args: argparse.Namespace,
+    device: str,
+    dtype: torch.dtype,
+    arch: str,
+    members: list[Any],
+    ensembles: dict[int, Any],
+    times: dict[int, dict[str, list[float]]],
+    warm: dict[int, dict[str, float]],
+    contention: list[dict[str, Any]],
+    t_start: float,
+) -> dict[str, Any]:
+    """The JSON for the repeats done so far (written after every repeat: a run cut short keeps its numbers)."""
+    from salm.fast_decode import warmup_report
+
+    n_members = len(members)
     rows = []
     for bs in args.batch_sizes:
         t, new = times[bs], args.new_tokens
         step = {k: per_step(t, k, new) for k in t if "@" not in k}
-        n_rep = reps[bs]
+        n_rep = len(t["ensemble_compiled"])
+        if not n_rep:
+            continue
         hf_sum = [sum(step[f"member{i}_hf"][r] for i in range(n_members)) for r in range(n_rep)]
         hf_c_sum = [sum(step[f"member{i}_hf_compiled"][r] for i in range(n_members)) for r in range(n_rep)]
         best = [
@@ -179,6 +200,7 @@ def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, arch: str
         )
     ratios = {r["batch_size"]: r["ratio_compiled_over_best_hf_sum"]["median"] for r in rows}
     cfg = members[0].config
+    ens = ensembles[args.members]
     return {
         "benchmark": "decode",
         "quick": bool(args.quick),
@@ -203,6 +225,7 @@ def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, arch: str
         },
         "compile_warmups": [w.__dict__ for w in warmup_report(ens)],
         "results": rows,
+        "repeats_done": len(contention),
         "contention": contention,
         "targets": {
             "compiled_over_best_hf_sum_max": TARGET_COMPILED_OVER_BEST_HF,
