@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,7 +61,16 @@ class Warmup:
 def _state(model) -> dict[str, Any]:
     """Per-ensemble state kept across ``generate`` calls: caches, compiled steps, warm-ups (not module state)."""
     return model.__dict__.setdefault(
-        "_fast_decode", {"caches": {}, "compiled": {}, "warm": set(), "report": [], "compile_failed": None}
+        "_fast_decode",
+        {
+            "caches": {},
+            "in_use": set(),
+            "lock": threading.Lock(),
+            "compiled": {},
+            "warm": set(),
+            "report": [],
+            "compile_failed": None,
+        },
     )
 
 
@@ -80,23 +90,38 @@ def compile_available() -> str | None:
     return None
 
 
-def _caches(model, run: tuple[int, ...], batch: int, length: int) -> list[Any]:
-    """Static caches for members ``run`` at (batch, length), reused across calls and reset before each batch."""
+def _caches(model, run: tuple[int, ...], batch: int, length: int) -> tuple[list[Any], list[tuple[int, int, int]]]:
+    """Static caches for members ``run`` at (batch, length) and the keys taken (give them back with
+    :func:`_release`). Kept caches are reused across calls and reset; one already in use by another
+    decoding of this ensemble (another thread, a server) is never shared: that caller gets a private one."""
     from transformers import StaticCache
 
-    store = _state(model)["caches"]
-    if len(store) > 4 * len(model.members):  # several buckets seen: keep memory bounded, drop the older ones
-        store.clear()
-    out = []
-    for i in run:
-        key = (i, batch, length)
-        cache = store.get(key)
-        if cache is None:
-            cache = store[key] = StaticCache(config=model.members[i].config, max_cache_len=length)
-        else:
-            cache.reset()
-        out.append(cache)
-    return out
+    state = _state(model)
+    store, in_use, taken, out = state["caches"], state["in_use"], [], []
+    with state["lock"]:
+        if len(store) > 4 * len(model.members):  # several buckets seen: keep memory bounded, drop the older ones
+            for key in [k for k in store if k not in in_use]:
+                del store[key]
+        for i in run:
+            key = (i, batch, length)
+            if key in in_use:
+                out.append(StaticCache(config=model.members[i].config, max_cache_len=length))
+                continue
+            cache = store.get(key)
+            if cache is None:
+                cache = store[key] = StaticCache(config=model.members[i].config, max_cache_len=length)
+            else:
+                cache.reset()
+            in_use.add(key)
+            taken.append(key)
+            out.append(cache)
+    return out, taken
+
+
+def _release(model, keys: list[tuple[int, int, int]]) -> None:
+    state = _state(model)
+    with state["lock"]:
+        state["in_use"].difference_update(keys)
 
 
 def _compiled_step(model, run: tuple[int, ...], heads: bool):
@@ -150,9 +175,14 @@ class StaticStepper:
         self.mask = torch.ones(self.batch, self.length, dtype=mask.dtype, device=mask.device)
         self.mask[:, :width] = mask
         self.pos = mask.sum(-1, keepdim=True)  # position of the first generated token, per row
-        self.caches = _caches(model, run, self.batch, self.length)
+        self.caches, self._keys = _caches(model, run, self.batch, self.length)
         self.live = torch.arange(self.rows, device=mask.device)  # caller rows in the batch, in slot order
         self._fn = _compiled_step(model, run, heads) if self.compile else None
+
+    def close(self) -> None:
+        """Give the caches back for the next batch (decode_steps calls it however decoding ends)."""
+        _release(self.model, self._keys)
+        self._keys = []
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The left-padded prompt, eagerly (its width changes with every batch)."""
@@ -204,7 +234,7 @@ class StaticStepper:
         where = {r: k for k, r in enumerate(self.live.tolist())}  # caller row -> slot in the current batch
         batch = batch_bucket(len(live), self.compile)
         sel = torch.tensor([where[r] for r in live] + [where[live[-1]]] * (batch - len(live)), device=self.pos.device)
-        caches = _caches(self.model, self.run, batch, self.length)
+        caches, keys = _caches(self.model, self.run, batch, self.length)
         for old, new in zip(self.caches, caches):
             for lo, ln in zip(old.layers, new.layers):
                 keys, values = lo.keys.index_select(0, sel), lo.values.index_select(0, sel)
@@ -213,7 +243,8 @@ class StaticStepper:
                 ln.keys.copy_(keys)
                 ln.values.copy_(values)
                 ln.cumulative_length.copy_(lo.cumulative_length)
-        self.caches, self.batch = caches, batch
+        _release(self.model, self._keys)
+        self.caches, self._keys, self.batch = caches, keys, batch
         self.mask, self.pos = self.mask.index_select(0, sel), self.pos.index_select(0, sel)
         self.live = torch.tensor(live, device=self.pos.device)
 

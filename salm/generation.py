@@ -373,16 +373,20 @@ def decode_steps(
         raise GenerationError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
     local = Routing("member", member=0) if routing.mode == "member" else routing
     members_run = torch.tensor(run, dtype=torch.long, device=model.device)
-    logits, probs = stepper.prefill(ids)
-    for step in range(steps):
-        if probs is None:  # member routing: the forced member carries all the weight
-            probs = torch.zeros(ids.shape[0], M, device=model.device)
-            probs[:, routing.member] = 1.0
-        token, member = choose_tokens(logits, probs[:, list(run)], local, temperature, top_k, top_p, generator)
-        yield token, members_run[member], probs
-        if step + 1 == steps:
-            return
-        logits, probs = stepper.step(token, finished)
+    try:
+        logits, probs = stepper.prefill(ids)
+        for step in range(steps):
+            if probs is None:  # member routing: the forced member carries all the weight
+                probs = torch.zeros(ids.shape[0], M, device=model.device)
+                probs[:, routing.member] = 1.0
+            token, member = choose_tokens(logits, probs[:, list(run)], local, temperature, top_k, top_p, generator)
+            yield token, members_run[member], probs
+            if step + 1 == steps:
+                return
+            logits, probs = stepper.step(token, finished)
+    finally:
+        if hasattr(stepper, "close"):
+            stepper.close()
 
 
 def _stop_index(text: str, stop: Sequence[str]) -> int:

@@ -209,3 +209,18 @@ def test_finished_rows_leave_the_compiled_batch(tiny_ensemble, monkeypatch):
     assert dynamic[1]["stop_reason"] == "eos" and len(dynamic[0]["token_ids"]) == 12
     buckets = [w.batch for w in fast_decode.warmup_report(ens)]
     assert buckets[0] == 4 and min(buckets) < 4
+
+
+def test_interleaved_static_decodings_never_share_caches(tiny_ensemble):
+    """Two decodings of one ensemble in the same shape bucket at once (a server's threads): each its own caches."""
+    from salm.generation import _left_pad, decode_steps, encode_prompts, parse_routing
+
+    ens = fresh(tiny_ensemble)
+    ids, mask = _left_pad(encode_prompts(ens, PROMPTS), ens.tokenizer.pad_token_id)
+    rt = parse_routing("argmax", ens.model_ids)
+    ref = [t.tolist() for t, _, _ in decode_steps(ens, ids, mask, 6, rt)]
+    first = decode_steps(ens, ids, mask, 6, rt, cache_implementation="static")
+    second = decode_steps(ens, ids, mask, 6, rt, cache_implementation="static")
+    pairs = [(a[0].tolist(), b[0].tolist()) for a, b in zip(first, second)]  # steps alternate between the two
+    assert [a for a, _ in pairs] == ref and [b for _, b in pairs] == ref
+    assert not fast_decode._state(ens)["in_use"]  # both gave their caches back
