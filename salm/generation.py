@@ -301,9 +301,10 @@ def decode_steps(
             h, lg, _ = model.run_member(i, feed_ids, mask, feed_pos, caches[i], last)
             hidden.append(h[:, -1])
             logits.append(lg[:, -1])
-        with torch.no_grad():
-            probs = torch.softmax(model.router_logits(hidden), dim=-1)
-        token, member = choose_tokens(torch.stack(logits, 1), probs, routing, temperature, top_k, top_p, generator)
+        stacked = torch.stack(logits, 1)  # [B, M, V]
+        with torch.no_grad():  # router input: hidden states + confidence statistics of these same logits
+            probs = torch.softmax(model.router_logits(hidden, model.confidence_features(stacked)), dim=-1)
+        token, member = choose_tokens(stacked, probs, routing, temperature, top_k, top_p, generator)
         yield token, member, probs
         if step + 1 == max_new_tokens or (ctx is not None and mask.shape[1] + 1 >= ctx):
             return
