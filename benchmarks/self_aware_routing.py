@@ -96,6 +96,7 @@ def quickstart_variants(variants: list[str], seed: int, out: Path, progress: boo
 
 
 def main() -> int:
+    from salm.io import atomic_write_json
     from salm.quickstart.knowledge import ROUTER_VARIANTS, run_knowledge
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -105,21 +106,27 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(1)  # small members on a shared machine: one thread never stalls at OpenMP barriers
-    out: dict = {
-        "what": "router variants (router x loss option) on the knowledge split and the quickstart domains",
-        "targets": TARGETS,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(), "torch_threads": 1},
-    }
-    t0 = time.perf_counter()
+    # Each part is written as soon as it is done, into the same file (a part not run keeps its old result).
+    path = Path(args.out)
+    out: dict = json.loads(path.read_text()) if path.is_file() else {}
+    out.update(
+        what="router variants (router x loss option) on the knowledge split and the quickstart domains",
+        targets=TARGETS,
+        machine={"python": platform.python_version(), "platform": platform.platform(), "torch_threads": 1},
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if "knowledge" not in args.skip:
+            t0 = time.perf_counter()
             k = run_knowledge("default", args.seed, Path(tmp) / "knowledge", args.variants, progress=False)
             out["knowledge"] = {key: k[key] for key in ("recipe", "build", "test_questions", "variants")}
+            out["knowledge"]["seconds"] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(path, out)
         if "quickstart" not in args.skip:
+            t0 = time.perf_counter()
             out["quickstart"] = quickstart_variants(args.variants, args.seed, Path(tmp) / "quickstart", False)
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+            out["quickstart_seconds"] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(path, out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -12,7 +12,7 @@ Layout of one cached split, ``<cache_dir>/<split>-<key[:16]>/``:
   cached training equals ``--no_feature_cache`` up to summation order;
 * ``gold.bin``: ``[P, M]`` fp32 log p_m(gold token);
 * ``stats.bin``: ``[P, F]`` fp32 confidence statistics of every member's next-token distribution
-  (:func:`salm.confidence.confidence_stats`, ``F = M*M + 2*M + 1``: 16 floats for three members), what the
+  (:func:`salm.confidence.confidence_stats`, ``F = M*M + 3*M + 1``: 19 floats for three members), what the
   ``confidence``/``joint`` routers read and the disagreement-weighted loss weighs by;
 * ``offsets.bin``: ``[N + 1]`` int64, example ``n`` owns positions ``offsets[n]:offsets[n+1]``;
 * ``manifest.json``, written last: the key, the key's ingredients and the shapes.

@@ -22,13 +22,14 @@ def test_stats_by_hand():
     """Two members over four tokens: every column against a direct computation."""
     p = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1]])
     s = confidence_stats(p.log()[None] + 3.0)[0]  # logits up to a constant: the same distribution
-    assert s.shape == (stats_dim(2),) == (len(stats_names(["a", "b"])),) == (9,)
+    assert s.shape == (stats_dim(2),) == (len(stats_names(["a", "b"])),) == (11,)
     cross = s[:4].view(2, 2)  # cross[m, k] = log p_m(argmax_k); argmax = (0, 1)
     expected = torch.tensor([[0.7, 0.1], [0.2, 0.5]]).log()
     torch.testing.assert_close(cross, expected)
     torch.testing.assert_close(s[4:6], -(p * p.log()).sum(-1))  # entropies
     torch.testing.assert_close(s[6:8], torch.tensor([math.log(7), math.log(2.5)]))  # top1 - top2 log-prob
-    assert s[8] == 0.0 and bool(disagreement(s))
+    torch.testing.assert_close(s[8:10], torch.tensor([math.log(0.3), math.log(0.5)]))  # log(1 - p_top1)
+    assert s[10] == 0.0 and bool(disagreement(s))
     agree = confidence_stats(torch.stack([p[0], p[0]]).log())
     assert agree[-1] == 1.0 and not bool(disagreement(agree))
 

@@ -194,7 +194,7 @@ def test_cached_features_equal_member_features(setup, tmp_path):
         torch.testing.assert_close(gold, live_gold, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats, live_stats, rtol=1e-4, atol=1e-4)
         assert gold.shape == (sum(split.n_positions[i] for i in idx), 3)
-        assert stats.shape == (gold.shape[0], 16)
+        assert stats.shape == (gold.shape[0], 19)
 
 
 def test_short_disk_fails_naming_folder_and_bytes(setup, tmp_path, monkeypatch):
