@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's); recorded")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or str(Path(__file__).parent / "results" / f"confidence_cpu{'_quick' if args.quick else ''}.json")
 
     from salm.confidence import confidence_stats
