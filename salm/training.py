@@ -76,6 +76,8 @@ RESUME_KEYS = (
     "datasets", "batch_size", "learning_rate", "warmup_steps", "entropy_weight", "head_hidden_dim",
     "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on", "router", "disagreement_weight",
 )  # fmt: skip
+# What checkpoints written before a resume key existed were trained with.
+RESUME_DEFAULTS = {"router": "seed", "disagreement_weight": 1.0}
 EVAL_BATCH_CACHED = 64  # examples per validation batch on the cache (no member runs, memory is small)
 
 
@@ -96,7 +98,10 @@ class TrainConfig:
     entropy_weight: float = 0.1
     head_hidden_dim: int = 256
     head_dropout: float = 0.1
-    router: str = "seed"  # seed | confidence | joint (salm.heads); see the README's self-aware routing section
+    # seed | confidence | joint (salm.heads). confidence is the default for new training: on the knowledge
+    # split it routes the decisive token to the member that knows far more often than seed heads
+    # (benchmarks/results/self_aware_routing.json; README "Self-aware routing").
+    router: str = "confidence"
     disagreement_weight: float = 1.0  # loss weight of positions where the members' argmax tokens differ
     seed: int = 42
     log_every_n_steps: int = 5
@@ -553,6 +558,7 @@ def _diverged(what: str, step: int, epoch: int, ckpt: Path, last_good: tuple[int
 
 
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    saved = {**RESUME_DEFAULTS, **saved}
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in now if saved.get(k) != now[k]]
     if diffs:
         raise TrainingError(

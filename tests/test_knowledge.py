@@ -53,10 +53,11 @@ def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
     for r in summary["variants"].values():
         acc, dec = r["generated_accuracy"], r["decisive_accuracy"]
         members = member_ids(recipe)
-        assert set(acc) == {*members, "ensemble", "oracle"} and set(dec) == set(acc)
+        assert set(acc) == {*members, "ensemble", "oracle"} and set(dec) == {*acc, "rule:max_top1"}
         # The oracle is right where any member is: never below the best member, never above their sum.
         for a in (acc, dec):
             assert max(a[m] for m in members) <= a["oracle"] <= min(1.0, sum(a[m] for m in members) + 1e-9)
+            assert a["ensemble"] <= a["oracle"]
         assert abs(sum(r["router_share"].values()) - 1.0) < 1e-3
     saved = json.loads((tmp_path / "out" / "knowledge_summary.json").read_text())
     assert saved["variants"].keys() == summary["variants"].keys()

@@ -250,7 +250,7 @@ def _build_into(tmp: Path, recipe: KnowledgeRecipe, digest: str, progress: bool)
 def token_choices(model: Any, examples: list[Any], batch_size: int = 16) -> tuple[torch.Tensor, ...]:
     """Teacher-forced, at every answer position (EOS included): which members' argmax is the gold token
     ``[P, M]``, which member the argmax router picks ``[P]``, whether it is the answer's first token ``[P]``
-    and whether the members' argmax tokens differ ``[P]``.
+    whether the members' argmax tokens differ ``[P]``, and each member's top-1 log-prob ``[P, M]``.
 
     A member is right when its log-prob of the gold token equals its top-1 log-prob; the confidence
     statistics hold both, so no extra vocabulary pass is needed.
@@ -260,7 +260,7 @@ def token_choices(model: Any, examples: list[Any], batch_size: int = 16) -> tupl
 
     split = tokenize_examples(examples, model.tokenizer, model.context_length or (1 << 20), "answer", "tokens")
     M = len(model.model_ids)
-    right, routed, first, differ = [], [], [], []
+    right, routed, first, differ, tops = [], [], [], [], []
     with torch.no_grad():
         for a in range(0, len(split), batch_size):
             idx = list(range(a, min(a + batch_size, len(split))))
@@ -275,15 +275,18 @@ def token_choices(model: Any, examples: list[Any], batch_size: int = 16) -> tupl
             routed.append(model.router_logits(h, st).argmax(-1))
             first.append(starts[m])
             differ.append(disagreement(st))
-    return torch.cat(right), torch.cat(routed), torch.cat(first), torch.cat(differ)
+            tops.append(top1)
+    return torch.cat(right), torch.cat(routed), torch.cat(first), torch.cat(differ), torch.cat(tops)
 
 
 def evaluate_knowledge(model: Any, facts: list[Fact], max_new_tokens: int = 6) -> dict[str, Any]:
     """Generated-answer accuracy, decisive-token accuracy, captured share and routing to the owner.
 
-    Members alone run through the same routed decoding loop with ``routing="member:<id>"``; the oracle
-    is right where any member is. At the decisive token a member is right when its log-prob of the gold
-    token equals its top-1 log-prob (the statistics hold both, so no extra vocabulary pass is needed).
+    Members alone run through the same routed decoding loop with ``routing="member:<id>"``; the oracle is
+    right where any member is. At the decisive token a member is right when its log-prob of the gold token
+    equals its top-1 log-prob (the statistics hold both, so no extra vocabulary pass is needed).
+    ``rule:max_top1`` routes the decisive token to the member with the highest top-1 probability: a
+    training-free reference for what confidence alone gives.
     """
     from salm.evaluation.analysis import teacher_forced_metrics
 
@@ -301,12 +304,14 @@ def evaluate_knowledge(model: Any, facts: list[Fact], max_new_tokens: int = 6) -
     gen["ensemble"] = correct("argmax")
     gen["oracle"] = torch.stack([gen[m] for m in ids]).any(0)
 
-    right, routed, first, _ = token_choices(model, examples)
-    right, routed = right[first], routed[first]
+    right, routed, first, _, top1 = token_choices(model, examples)
+    right, routed, top1 = right[first], routed[first], top1[first]
     rows = torch.arange(len(facts))
     dec = {mid: right[:, i] for i, mid in enumerate(ids)}
     dec["ensemble"] = right[rows, routed]
     dec["oracle"] = right.any(-1)
+    # A fixed rule for reference: the member most sure of its own argmax (no training at all).
+    dec["rule:max_top1"] = right[rows, top1.argmax(-1)]
     tf = teacher_forced_metrics(model, examples, batch_size=32)
     acc = {k: round(float(v.float().mean()), 4) for k, v in gen.items()}
     return {
