@@ -28,7 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "self_aware_routing.json
 TARGETS = {"knowledge_over_oracle": 0.90, "captured_code_prose": 0.40, "captured_mixed": 0.60, "nll_vs_seed": 1.005}
 
 
-def quickstart_variants(variants: list[str], seed: int, out: Path, progress: bool) -> dict:
+def quickstart_variants(variants: list[str], seed: int, out: Path, progress: bool, size: str = "default") -> dict:
     from salm.data import TrainingData, balance, load_examples
     from salm.ensemble import read_weights
     from salm.evaluation.analysis import combine_teacher_forced, teacher_forced_metrics
@@ -37,7 +37,7 @@ def quickstart_variants(variants: list[str], seed: int, out: Path, progress: boo
     from salm.quickstart.run import QuickstartSettings
     from salm.training import BEST_DIR, TrainConfig, train
 
-    art = build_quickstart_members(size="default", seed=seed, progress=progress)
+    art = build_quickstart_members(size=size, seed=seed, progress=progress)
     splits = ("train", "validation", "test")
     load = {s: {d: load_examples(str(art.data_files[d][s]), name=d) for d in DOMAINS} for s in splits}
     data = TrainingData(train=balance(load["train"], seed), val=balance(load["validation"], seed))
@@ -104,6 +104,7 @@ def main() -> int:
     p.add_argument("--variants", nargs="*", default=list(ROUTER_VARIANTS))
     p.add_argument("--skip", nargs="*", default=[], choices=["knowledge", "quickstart"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quickstart_size", default="default", choices=["default", "tiny"])
     args = p.parse_args()
     torch.set_num_threads(1)  # small members on a shared machine: one thread never stalls at OpenMP barriers
     # Each part is written as soon as it is done, into the same file (a part not run keeps its old result).
@@ -124,8 +125,10 @@ def main() -> int:
             atomic_write_json(path, out)
         if "quickstart" not in args.skip:
             t0 = time.perf_counter()
-            out["quickstart"] = quickstart_variants(args.variants, args.seed, Path(tmp) / "quickstart", False)
-            out["quickstart_seconds"] = round(time.perf_counter() - t0, 1)
+            key = "quickstart" if args.quickstart_size == "default" else f"quickstart_{args.quickstart_size}"
+            qs = Path(tmp) / "quickstart"
+            out[key] = quickstart_variants(args.variants, args.seed, qs, False, args.quickstart_size)
+            out[f"{key}_seconds"] = round(time.perf_counter() - t0, 1)
             atomic_write_json(path, out)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
