@@ -9,7 +9,8 @@ trained by ``salm train``'s own code on the same cached features (same members, 
   pooled mixed set: captured share of the oracle's NLL gain, ensemble NLL (and its ratio to the seed
   heads'), router share, and token accuracy where the members' argmax tokens disagree.
 
-    python benchmarks/self_aware_routing.py      # ~15 minutes on 2 busy CPU cores (members cached after)
+    python benchmarks/self_aware_routing.py --skip quickstart                       # knowledge split, ~4 min
+    python benchmarks/self_aware_routing.py --skip knowledge --quickstart_size tiny  # what is committed
 """
 
 from __future__ import annotations
