@@ -14,6 +14,10 @@ COMMANDS = {
     "evaluate": ("salm.evaluation.runner", "evaluate the ensemble against each member"),
     "generate": ("salm.cli", "generate a routed answer, tokens coloured by member"),
     "quickstart": ("salm.quickstart.run", "the whole pipeline offline on the small embedded default"),
+    "knowledge": (
+        "salm.quickstart.knowledge",
+        "knowledge-split benchmark: does the router pick the member that knows?",
+    ),
 }
 
 

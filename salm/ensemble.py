@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm import __version__
-from salm.heads import ScalarProjectionHead
+from salm.confidence import confidence_stats, stats_dim
+from salm.heads import ROUTERS, JointRouter, ScalarProjectionHead
 from salm.io import atomic_dir, atomic_write_json
 from salm.members import (
     MODELS,
@@ -96,6 +97,7 @@ class MultiModelWithScalarHeads(nn.Module):
         dtype: torch.dtype | str | None = None,
         *,
         head_norm: str = "layer",
+        router: str = "seed",
         members: Sequence[nn.Module] | None = None,
         tokenizer: Any = None,
         trust_remote_code: bool = False,
@@ -142,16 +144,43 @@ class MultiModelWithScalarHeads(nn.Module):
                 )
         self.eos_token_ids = eos_token_ids(self.members, tokenizer)
         self.hidden_sizes = [m.config.hidden_size for m in self.members]
-        self.projection_heads = nn.ModuleDict(
-            {
-                mid: ScalarProjectionHead(h, head_hidden_dim, head_dropout, norm=head_norm)
-                for mid, h in zip(self.model_ids, self.hidden_sizes)
-            }
-        )
-        self.projection_heads.to(self.device)
+        self.build_router(router)
         self._cache_kwarg = [
             "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values" for m in self.members
         ]
+
+    def build_router(self, router: str) -> None:
+        """(Re)create fresh heads of variant ``router`` (``seed``, ``confidence`` or ``joint``)."""
+        if router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}; got {router!r}")
+        if router == "joint" and self.head_norm != "layer":
+            raise ValueError("the joint router has LayerNorm only; head_norm='batch' exists for seed heads")
+        self.router = router
+        dim, drop, norm = self.head_hidden_dim, self.head_dropout, self.head_norm
+        f = stats_dim(len(self.model_ids)) if router != "seed" else 0
+        if router == "joint":
+            heads = {mid: nn.Linear(h, dim) for mid, h in zip(self.model_ids, self.hidden_sizes)}
+            self.joint_router = JointRouter(len(self.model_ids), f, dim, drop)
+        else:
+            heads = {
+                mid: ScalarProjectionHead(h, dim, drop, norm=norm, stats_dim=f)
+                for mid, h in zip(self.model_ids, self.hidden_sizes)
+            }
+            self.joint_router = None
+        self.projection_heads = nn.ModuleDict(heads)
+        self.to(self.device)
+
+    @property
+    def uses_stats(self) -> bool:
+        """Whether the router reads the members' confidence statistics (generation computes them only then)."""
+        return self.router != "seed"
+
+    def confidence_features(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """Router statistics from stacked member logits ``[..., M, V]``, or None for a router that ignores them.
+
+        Generation's hook: the one place it turns the logits it already has into router input.
+        """
+        return confidence_stats(logits) if self.uses_stats else None
 
     # ------------------------------------------------------------------ members
     @property
@@ -226,10 +255,18 @@ class MultiModelWithScalarHeads(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Every member's final hidden states ``[B, L, H_m]``, its log-prob of the gold next token ``[B, L, M]``
-        (0 where there is none) and where there is one, ``mask`` ``[B, L]``.
+        (0 where there is none) and where there is one, ``mask`` ``[B, L]``; see :meth:`member_features`."""
+        hidden, gold, _, mask = self.member_features(input_ids, attention_mask, labels)
+        return hidden, gold, mask
+
+    def member_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`gold_logprobs` plus the confidence statistics ``[B, L, F]`` (0 where masked).
 
         ``labels`` follow Hugging Face's convention (aligned with ``input_ids``, -100 = ignored; position t
-        carries log p_m(labels[t + 1])). Only the labelled rows go through the LM head, in chunks, so no
+        carries log p_m(labels[t + 1])). Only the labelled rows go through the LM heads, in chunks of
+        positions holding every member's logits at once (the statistics compare members), so no
         ``[B, L, V]`` logits are materialised for members whose head runs apart (all common decoders).
         """
         labels = labels.to(self.device)
@@ -238,40 +275,55 @@ class MultiModelWithScalarHeads(nn.Module):
         mask = nxt != -100
         targets = nxt[mask]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden, gold = [], []
+        M = len(self.members)
+        hidden, sources = [], []
         for i, member in enumerate(self.members):
             split = self._split_head(i)
             h, logits, _ = self.run_member(
                 i, input_ids, attention_mask, position_ids, None, slice(0, 0) if split else None
             )
-            if split:
-                h_sel, dev = h[mask], self.member_device(i)
-                head = member.get_output_embeddings()
-                rows = max(1, _LOGIT_ELEMENTS // self.vocab_size)
-                parts = []
-                with torch.no_grad():
-                    for s in range(0, h_sel.shape[0], rows):
-                        lg = head(h_sel[s : s + rows].to(dev))[..., : self.vocab_size].float()
-                        t = targets[s : s + rows].to(dev)
-                        parts.append(
-                            (lg.gather(-1, t[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)).to(self.device)
-                        )
-                g = torch.cat(parts) if parts else torch.zeros(0, device=self.device)
-            else:
-                lg = logits[mask]
-                g = lg.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(lg, dim=-1)
-            full = torch.zeros(mask.shape, device=self.device)
-            full[mask] = g.float()
             hidden.append(h)
-            gold.append(full)
-        return hidden, torch.stack(gold, dim=-1), mask
+            sources.append((h[mask], member.get_output_embeddings()) if split else (logits[mask], None))
+        n = int(mask.sum())
+        rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * M))
+        gold_parts, stat_parts = [], []
+        with torch.no_grad():
+            for s in range(0, n, rows):
+                chunk = []
+                for i, (x, head) in enumerate(sources):
+                    if head is None:
+                        lg = x[s : s + rows]
+                    else:
+                        lg = head(x[s : s + rows].to(self.member_device(i)))[..., : self.vocab_size].float()
+                    chunk.append(lg.to(self.device))
+                lg = torch.stack(chunk, dim=1)  # [rows, M, V]
+                t = targets[s : s + rows]
+                gold_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lg.logsumexp(-1))
+                stat_parts.append(confidence_stats(lg))
+        gold = torch.zeros(*mask.shape, M, device=self.device)
+        stats = torch.zeros(*mask.shape, stats_dim(M), device=self.device)
+        if n:
+            gold[mask] = torch.cat(gold_parts).float()
+            stats[mask] = torch.cat(stat_parts)
+        return hidden, gold, stats, mask
 
     # ------------------------------------------------------------------ heads
-    def router_logits(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Per-member hidden states [..., H_m] -> routing scores [..., M]."""
-        scores = [
-            self.projection_heads[mid](h.to(self.device).detach()) for mid, h in zip(self.model_ids, hidden_states)
-        ]
+    def router_logits(self, hidden_states: Sequence[torch.Tensor], stats: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-member hidden states [..., H_m] (+ confidence statistics [..., F]) -> routing scores [..., M].
+
+        ``stats`` (from :func:`salm.confidence.confidence_stats`) is required by the ``confidence`` and
+        ``joint`` routers and ignored by ``seed`` heads.
+        """
+        hs = [h.to(self.device).detach() for h in hidden_states]
+        if self.router != "seed":
+            if stats is None:
+                raise ValueError(f"the {self.router!r} router needs the members' confidence statistics (stats=)")
+            stats = stats.to(self.device).detach()
+        if self.router == "joint":
+            return self.joint_router(
+                [self.projection_heads[mid](h) for mid, h in zip(self.model_ids, hs)], stats
+            ).float()
+        scores = [self.projection_heads[mid](h, stats) for mid, h in zip(self.model_ids, hs)]
         return torch.stack(scores, dim=-1).float()
 
     def get_model_probs(self, all_raw_scores: torch.Tensor) -> torch.Tensor:
@@ -295,15 +347,16 @@ class MultiModelWithScalarHeads(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if labels is None:
             mo = self.member_outputs(input_ids, attention_mask)
+            stacked = torch.stack(mo.logits, dim=2)  # [B, L, M, V]
             out = EnsembleOutput(
-                router_logits=self.router_logits(mo.hidden_states),
+                router_logits=self.router_logits(mo.hidden_states, self.confidence_features(stacked)),
                 hidden_states=mo.hidden_states if return_hidden_states else None,
             )
-            out.logprobs = torch.stack([F.log_softmax(lg, dim=-1) for lg in mo.logits], dim=2)
+            out.logprobs = F.log_softmax(stacked, dim=-1)
             return out
-        hidden, gold, mask = self.gold_logprobs(input_ids, attention_mask, labels)
+        hidden, gold, stats, mask = self.member_features(input_ids, attention_mask, labels)
         out = EnsembleOutput(
-            router_logits=self.router_logits(hidden), hidden_states=hidden if return_hidden_states else None
+            router_logits=self.router_logits(hidden, stats), hidden_states=hidden if return_hidden_states else None
         )
         out.gold_logprobs, out.loss_mask = gold, mask
         return out
@@ -331,6 +384,7 @@ class MultiModelWithScalarHeads(nn.Module):
             "head_hidden_dim": self.head_hidden_dim,
             "head_dropout": self.head_dropout,
             "head_norm": self.head_norm,
+            "router": self.router,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -373,10 +427,15 @@ class MultiModelWithScalarHeads(nn.Module):
             kwargs.setdefault("head_hidden_dim", config.get("head_hidden_dim", 256))
             kwargs.setdefault("head_dropout", config.get("head_dropout", 0.1))
             kwargs.setdefault("head_norm", config.get("head_norm", "layer"))
+            kwargs.setdefault("router", config.get("router", "seed"))
         else:
             state = _canonical_state(state, resolve_models(base_models))
             kwargs.setdefault("head_norm", "batch" if any("running_mean" in k for k in state) else "layer")
-            w0 = next((v for k, v in state.items() if k.endswith("non_linear_projection.0.weight")), None)
+            kwargs.setdefault("router", router_of_state(state))
+            w0 = next(
+                (v for k, v in state.items() if k.endswith("non_linear_projection.0.weight") or k == _JOINT_IN),
+                None,
+            )
             if w0 is not None:
                 kwargs.setdefault("head_hidden_dim", w0.shape[0])
         model = cls(base_models, **kwargs)
@@ -421,6 +480,16 @@ class MultiModelWithScalarHeads(nn.Module):
         for m in self.members:
             m.eval()
         return self
+
+
+_JOINT_IN = "joint_router.stats_projection.weight"  # [head_hidden_dim, F]: tells a joint router's width
+
+
+def router_of_state(state: dict[str, torch.Tensor]) -> str:
+    """The router variant a state dict holds (for weights saved without a config, e.g. ``.pt`` files)."""
+    if any(k.startswith("joint_router.") for k in state):
+        return "joint"
+    return "confidence" if any(".stats_projection." in k for k in state) else "seed"
 
 
 def _canonical_state(state: dict[str, torch.Tensor], infos: Sequence[ModelInfo]) -> dict[str, torch.Tensor]:

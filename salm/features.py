@@ -11,6 +11,9 @@ Layout of one cached split, ``<cache_dir>/<split>-<key[:16]>/``:
   fp32 members; 2 bytes for fp16, and for bf16 members their raw bits), so the cache is lossless and
   cached training equals ``--no_feature_cache`` up to summation order;
 * ``gold.bin``: ``[P, M]`` fp32 log p_m(gold token);
+* ``stats.bin``: ``[P, F]`` fp32 confidence statistics of every member's next-token distribution
+  (:func:`salm.confidence.confidence_stats`, ``F = M*M + 3*M + 1``: 19 floats for three members), what the
+  ``confidence``/``joint`` routers read and the disagreement-weighted loss weighs by;
 * ``offsets.bin``: ``[N + 1]`` int64, example ``n`` owns positions ``offsets[n]:offsets[n+1]``;
 * ``manifest.json``, written last: the key, the key's ingredients and the shapes.
 
@@ -37,9 +40,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from salm.confidence import stats_dim
 from salm.io import atomic_write_json, owner_tag
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stats.bin
 MANIFEST = "manifest.json"
 # Extraction batches hold at most this many (padded) tokens; examples are length-sorted to cut padding.
 # CPUs run fastest on cache-sized batches (measured: 2048 tokens ~1.6x faster than 16384); accelerators on big ones.
@@ -160,14 +164,15 @@ def collate(split: TokenizedSplit, indices: Sequence[int], pad_id: int) -> tuple
 # ---------------------------------------------------------------------------------------------- members
 def compute_features(
     model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each member's final hidden state ``[P, H_m]`` and gold log-prob ``[P, M]`` at the batch's loss positions.
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Each member's final hidden state ``[P, H_m]``, gold log-prob ``[P, M]`` and confidence statistics
+    ``[P, F]`` at the batch's loss positions.
 
     Positions come example-major, then in text order (the order of ``mask.nonzero()``), as in
-    :meth:`MultiModelWithScalarHeads.gold_logprobs`, which computes them.
+    :meth:`MultiModelWithScalarHeads.member_features`, which computes them.
     """
-    hidden, gold, mask = model.gold_logprobs(input_ids, attention_mask, labels)
-    return [h[mask] for h in hidden], gold[mask]
+    hidden, gold, stats, mask = model.member_features(input_ids, attention_mask, labels)
+    return [h[mask] for h in hidden], gold[mask], stats[mask]
 
 
 def member_dtypes(model: Any) -> list[torch.dtype]:
@@ -276,6 +281,7 @@ class CachedFeatures:
             self.hidden.append(np.memmap(path / f"hidden_{i}.bin", dtype=np_dt, mode="r", shape=(max(p, 1), hsize)))
             self.views.append(torch_dt)
         self.gold = np.memmap(path / "gold.bin", dtype=np.float32, mode="r", shape=(max(p, 1), manifest["n_members"]))
+        self.stats = np.memmap(path / "stats.bin", dtype=np.float32, mode="r", shape=(max(p, 1), manifest["stats_dim"]))
         self.nbytes = manifest["nbytes"]
 
     def __len__(self) -> int:
@@ -283,12 +289,14 @@ class CachedFeatures:
 
     def batch(
         self, indices: Sequence[int], device: torch.device | str = "cpu"
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Hidden states per member ``[P, H_m]`` and gold log-probs ``[P, M]`` of the examples, in ``indices`` order."""
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Hidden states per member ``[P, H_m]``, gold log-probs ``[P, M]`` and confidence statistics ``[P, F]``
+        of the examples, in ``indices`` order."""
         # One example is one contiguous run of rows: slices of the memmap, no fancy indexing.
         spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in indices]
         hidden = [torch.from_numpy(_take(h, spans)).view(v).to(device) for h, v in zip(self.hidden, self.views)]
-        return hidden, torch.from_numpy(_take(self.gold, spans)).to(device)
+        gold = torch.from_numpy(_take(self.gold, spans)).to(device)
+        return hidden, gold, torch.from_numpy(_take(self.stats, spans)).to(device)
 
 
 def _take(arr: np.memmap, spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -344,6 +352,9 @@ def extract_features(
         for i, (s, h) in enumerate(zip(storage, model.hidden_sizes))
     ]
     gold = np.memmap(folder / "gold.bin", dtype=np.float32, mode="r+", shape=(max(p, 1), len(model.members)))
+    stats = np.memmap(
+        folder / "stats.bin", dtype=np.float32, mode="r+", shape=(max(p, 1), stats_dim(len(model.members)))
+    )
     lengths = [len(x) for x in split.input_ids]
     dev = model.member_device(0).type
     batches = _extraction_order(
@@ -353,9 +364,9 @@ def extract_features(
     with tqdm(total=len(indices), desc=f"features ({split.name})", unit="ex", disable=not progress) as bar:
         for b in batches:
             ex = [indices[j] for j in b]
-            hs, g = compute_features(model, *collate(split, ex, pad))
+            hs, g, st = compute_features(model, *collate(split, ex, pad))
             counts = [int(offsets[i + 1] - offsets[i]) for i in ex]
-            g = g.cpu().numpy()
+            g, st = g.cpu().numpy(), st.cpu().numpy()
             hs = [h.cpu() for h in hs]
             hs = [(h.view(torch.int16) if h.dtype == torch.bfloat16 else h).numpy() for h in hs]
             start = 0
@@ -364,11 +375,12 @@ def extract_features(
                 for dst, src in zip(hidden, hs):
                     dst[o : o + n] = src[start : start + n]
                 gold[o : o + n] = g[start : start + n]
+                stats[o : o + n] = st[start : start + n]
                 start += n
             bar.update(len(ex))
-    for a in (*hidden, gold):
+    for a in (*hidden, gold, stats):
         a.flush()
-    del hidden, gold
+    del hidden, gold, stats
 
 
 def load_or_build(
@@ -408,6 +420,7 @@ def load_or_build(
         for i, (s, h) in enumerate(zip(storage, model.hidden_sizes))
     }
     files["gold.bin"] = max(p, 1) * len(model.members) * 4
+    files["stats.bin"] = max(p, 1) * stats_dim(len(model.members)) * 4
     files["offsets.bin"] = offsets.nbytes
     need = sum(files.values())
     # Named by its owner so a later run can remove it once that process is dead (salm.io.stale_temporaries);
@@ -444,6 +457,7 @@ def load_or_build(
         "n_examples": len(split),
         "n_positions": p,
         "n_members": len(model.members),
+        "stats_dim": stats_dim(len(model.members)),
         "member_ids": list(model.model_ids),
         "hidden_sizes": list(model.hidden_sizes),
         "dtypes": [str(d) for d in member_dtypes(model)],
@@ -478,7 +492,7 @@ class LiveFeatures:
 
     def batch(
         self, indices: Sequence[int], device: torch.device | str = "cpu"
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         ids, mask, labels = collate(self.split, list(indices), self.model.tokenizer.pad_token_id)
-        hidden, gold = compute_features(self.model, ids, mask, labels)
-        return [h.to(device) for h in hidden], gold.to(device)
+        hidden, gold, stats = compute_features(self.model, ids, mask, labels)
+        return [h.to(device) for h in hidden], gold.to(device), stats.to(device)

@@ -295,11 +295,12 @@ def ensemble_step(
         h, lg, _ = model.run_member(i, input_ids, attention_mask, position_ids, cache, slice(-1, None))
         hidden.append(h[:, -1])
         logits.append(lg[:, -1])
+    stacked = torch.stack(logits, 1)  # [B, R, V]
     probs = None
-    if heads:
+    if heads:  # router input: hidden states + confidence statistics of these same logits (all members ran)
         with torch.no_grad():
-            probs = torch.softmax(model.router_logits(hidden), dim=-1)
-    return torch.stack(logits, 1), probs
+            probs = torch.softmax(model.router_logits(hidden, model.confidence_features(stacked)), dim=-1)
+    return stacked, probs
 
 
 class _DynamicStepper:

@@ -1,4 +1,14 @@
-"""The scalar projection head: a member's hidden state -> one routing score."""
+"""Routing heads: a member's hidden state (and, for the ``confidence``/``joint`` routers, every member's
+confidence statistics, :mod:`salm.confidence`) -> routing scores.
+
+Router variants (``salm train --router``, recorded as ``router`` in ``salm_config.json``):
+
+* ``seed``: one :class:`ScalarProjectionHead` per member on its own final hidden state (the seed's heads);
+* ``confidence``: the same heads, each also reading the statistics of every member's next-token
+  distribution through an extra linear map added to its first layer (``stats_projection``);
+* ``joint``: one :class:`JointRouter` scoring all members at once from every member's hidden state and
+  the statistics (``projection_heads.<id>`` then maps member ``id``'s hidden state into the shared trunk).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +19,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ROUTERS = ("seed", "confidence", "joint")
+"""Router variants; folders saved before ``router`` existed in ``salm_config.json`` hold ``seed`` heads."""
 
 _EVAL_HEADS = contextvars.ContextVar("salm_eval_heads", default=False)
 
@@ -45,7 +58,9 @@ class ScalarProjectionHead(nn.Module):
     parameter names (``non_linear_projection.<i>``) match the seed's so its state dicts load.
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int = 256, dropout: float = 0.1, norm: str = "layer"):
+    def __init__(
+        self, input_dim: int, hidden_dim: int = 256, dropout: float = 0.1, norm: str = "layer", stats_dim: int = 0
+    ):
         super().__init__()
         if norm not in ("layer", "batch"):
             raise ValueError(f"norm must be 'layer' or 'batch', got {norm!r}")
@@ -63,14 +78,22 @@ class ScalarProjectionHead(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(intermediate, 1),
         )
+        # Only confidence heads have it: seed heads keep exactly the seed's parameter names.
+        self.stats_projection = nn.Linear(stats_dim, hidden_dim, bias=False) if stats_dim else None
 
-    def forward(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        """[..., input_dim] -> [...]: every position at once (the seed looped over positions in Python)."""
-        w = self.non_linear_projection[0].weight
+    def forward(self, hidden_state: torch.Tensor, stats: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., input_dim] (+ stats [..., stats_dim]) -> [...]: every position at once."""
+        layers = self.non_linear_projection
+        w = layers[0].weight
         x = hidden_state.to(w.dtype)
+        if self.stats_projection is not None:
+            if stats is None:
+                raise ValueError("this confidence head needs the members' confidence statistics (stats=)")
+            x = layers[0](x) + self.stats_projection(stats.to(w.dtype))
+            layers = layers[1:]
         if self.training and _EVAL_HEADS.get():
-            return _eval_forward(self.non_linear_projection, x).squeeze(-1)
-        return self.non_linear_projection(x).squeeze(-1)
+            return _eval_forward(layers, x).squeeze(-1)
+        return layers(x).squeeze(-1)
 
 
 def _eval_forward(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -87,3 +110,35 @@ def _eval_forward(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         else:
             x = layer(x)
     return x
+
+
+class JointRouter(nn.Module):
+    """One MLP over every member's (projected) hidden state plus the confidence statistics -> M scores.
+
+    Per-member heads score each member from that member's view alone (plus the shared statistics); the
+    joint router sees all hidden states together, so it can compare them directly.
+    """
+
+    def __init__(self, n_members: int, stats_dim: int, hidden_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        intermediate = hidden_dim // 2
+        self.stats_projection = nn.Linear(stats_dim, hidden_dim, bias=True)
+        self.trunk = nn.Sequential(
+            nn.LayerNorm(hidden_dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, intermediate),
+            nn.LayerNorm(intermediate),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(intermediate, n_members),
+        )
+
+    def forward(self, projected: list[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
+        """Per-member projections [..., hidden_dim] and stats [..., F] -> router logits [..., M]."""
+        x = self.stats_projection(stats.to(self.stats_projection.weight.dtype))
+        for p in projected:
+            x = x + p
+        if self.training and _EVAL_HEADS.get():
+            return _eval_forward(self.trunk, x)
+        return self.trunk(x)

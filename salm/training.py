@@ -50,6 +50,7 @@ from salm.features import (
     load_or_build,
     tokenize_examples,
 )
+from salm.heads import ROUTERS
 from salm.io import (
     CACHE_ENV,
     atomic_write,
@@ -59,7 +60,7 @@ from salm.io import (
     output_lock,
     report_stale_temporaries,
 )
-from salm.loss import perfect_alignment_loss
+from salm.loss import disagreement_weights, perfect_alignment_loss
 from salm.plotting import figure, save_png
 
 DEFAULT_DATASETS = ["cola13/gsm8k_formatted", "cola13/medqa_formatted", "cola13/boolq_formatted"]
@@ -73,8 +74,10 @@ CHECKPOINT_FORMAT = 1
 # Settings a resumed run must share with the checkpoint (num_epochs may grow; the schedule then changes).
 RESUME_KEYS = (
     "datasets", "batch_size", "learning_rate", "warmup_steps", "entropy_weight", "head_hidden_dim",
-    "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on",
+    "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on", "router", "disagreement_weight",
 )  # fmt: skip
+# What checkpoints written before a resume key existed were trained with.
+RESUME_DEFAULTS = {"router": "seed", "disagreement_weight": 1.0}
 EVAL_BATCH_CACHED = 64  # examples per validation batch on the cache (no member runs, memory is small)
 
 
@@ -95,6 +98,11 @@ class TrainConfig:
     entropy_weight: float = 0.1
     head_hidden_dim: int = 256
     head_dropout: float = 0.1
+    # seed | confidence | joint (salm.heads). confidence is the default for new training: on the knowledge
+    # split it routes the decisive token to the member that knows far more often than seed heads
+    # (benchmarks/results/self_aware_routing.json; README "Self-aware routing").
+    router: str = "confidence"
+    disagreement_weight: float = 1.0  # loss weight of positions where the members' argmax tokens differ
     seed: int = 42
     log_every_n_steps: int = 5
     models: str | None = None
@@ -155,6 +163,8 @@ class TrainConfig:
                 f"--entropy_weight must be >= 0 (a negative weight rewards confident routing; pass "
                 f"--allow_negative_entropy_weight if that is meant), got {self.entropy_weight}",
             ),
+            (self.router in ROUTERS, f"--router must be one of {', '.join(ROUTERS)}, got {self.router!r}"),
+            (self.disagreement_weight > 0, f"--disagreement_weight must be > 0, got {self.disagreement_weight}"),
             (bool(self.datasets), "--datasets needs at least one dataset"),
         ]
         for ok, msg in checks:
@@ -205,6 +215,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--entropy_weight", type=float, default=d.entropy_weight, help="router entropy bonus (>= 0)")
     parser.add_argument("--head_hidden_dim", type=int, default=d.head_hidden_dim)
     parser.add_argument("--head_dropout", type=float, default=d.head_dropout)
+    parser.add_argument(
+        "--router", choices=list(ROUTERS), default=d.router,
+        help="seed: heads on each member's hidden state; confidence: + every member's next-token statistics; "
+        "joint: one router over all members' hidden states and statistics",
+    )  # fmt: skip
+    parser.add_argument(
+        "--disagreement_weight", type=float, default=d.disagreement_weight,
+        help="loss weight of positions where the members' argmax tokens differ (1 = the plain mixture NLL)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--log_every_n_steps", type=int, default=d.log_every_n_steps)
     add_model_arguments(parser)
@@ -257,8 +276,11 @@ class _Router(nn.Module):
         self.projection_heads = model.projection_heads
         self.__dict__["ensemble"] = model
 
-    def forward(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        return self.ensemble.router_logits(hidden)
+        if model.joint_router is not None:
+            self.joint_router = model.joint_router
+
+    def forward(self, hidden: list[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
+        return self.ensemble.router_logits(hidden, stats)
 
 
 def _distributed(device: str | None) -> tuple[Dist, torch.device | None]:
@@ -293,10 +315,12 @@ def _reset_heads(model: Any, cfg: TrainConfig) -> None:
             f"the model's heads are {model.head_hidden_dim} wide, --head_hidden_dim is {cfg.head_hidden_dim}"
         )
     model.head_dropout = cfg.head_dropout
-    for m in model.projection_heads.modules():
+    if model.router != cfg.router:
+        model.build_router(cfg.router)
+    for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = cfg.head_dropout
-        elif m is not model.projection_heads and hasattr(m, "reset_parameters"):
+        elif m is not model and hasattr(m, "reset_parameters"):
             m.reset_parameters()
 
 
@@ -352,8 +376,8 @@ def evaluate(
     with torch.no_grad():
         for a in range(0, len(split), batch):
             idx = list(range(a, min(a + batch, len(split))))
-            hidden, gold = feats.batch(idx, model.device)
-            rl = model.router_logits(hidden)
+            hidden, gold, cstats = feats.batch(idx, model.device)
+            rl = model.router_logits(hidden, cstats)
             stats.add(perfect_alignment_loss(rl, gold, None, entropy_weight), rl)
             ds = torch.repeat_interleave(ds_index[idx], counts[idx])
             share += torch.bincount(ds * m + rl.argmax(-1).cpu(), minlength=len(names) * m).double()
@@ -534,6 +558,7 @@ def _diverged(what: str, step: int, epoch: int, ckpt: Path, last_good: tuple[int
 
 
 def _check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    saved = {**RESUME_DEFAULTS, **saved}
     diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in now if saved.get(k) != now[k]]
     if diffs:
         raise TrainingError(
@@ -610,7 +635,7 @@ def _train(
 
         model = MultiModelWithScalarHeads(
             cfg.models, cfg.head_hidden_dim, cfg.head_dropout, device=cfg.device or dist_device, dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
+            router=cfg.router, trust_remote_code=cfg.trust_remote_code,
         )  # fmt: skip
     timing["model_s"] = time.perf_counter() - t
     device = model.device
@@ -725,9 +750,10 @@ def _train(
             )
             for s in bar:
                 idx = order[s * global_batch : (s + 1) * global_batch][dist.rank :: dist.world]
-                hidden, gold = train_f.batch(idx, device)
-                router_logits = router(hidden)
-                lo = perfect_alignment_loss(router_logits, gold, None, cfg.entropy_weight)
+                hidden, gold, cstats = train_f.batch(idx, device)
+                router_logits = router(hidden, cstats)
+                weights = disagreement_weights(cstats, cfg.disagreement_weight)
+                lo = perfect_alignment_loss(router_logits, gold, None, cfg.entropy_weight, weights)
                 optimizer.zero_grad(set_to_none=True)
                 lo.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -185,13 +185,16 @@ def test_cached_features_equal_member_features(setup, tmp_path):
         split = _split(setup, rows=MATH[:5])
         cached = load_or_build(ens, split, tmp_path / str(dtype), max_length=64, loss_on="answer", progress=False)
         idx = [3, 0, 4]
-        hid, gold = cached.batch(idx)
-        live_hid, live_gold = features.compute_features(ens, *features.collate(split, idx, setup.tok.pad_token_id))
+        hid, gold, stats = cached.batch(idx)
+        live = features.compute_features(ens, *features.collate(split, idx, setup.tok.pad_token_id))
+        live_hid, live_gold, live_stats = live
         for h, lh in zip(hid, live_hid):
             assert h.dtype == dtype
             torch.testing.assert_close(h, lh, rtol=0, atol=1e-5 if dtype == torch.float32 else 0.02)
         torch.testing.assert_close(gold, live_gold, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(stats, live_stats, rtol=1e-4, atol=1e-4)
         assert gold.shape == (sum(split.n_positions[i] for i in idx), 3)
+        assert stats.shape == (gold.shape[0], 19)
 
 
 def test_short_disk_fails_naming_folder_and_bytes(setup, tmp_path, monkeypatch):
@@ -275,6 +278,30 @@ def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     ).state_dict()
     seed_file = torch.load(tmp_path / "best_model_heads.pt", weights_only=True)
     assert all(torch.equal(loaded[k], seed_file[k]) for k in loaded)
+
+
+@pytest.mark.parametrize("router", ["confidence", "joint"])
+def test_router_variants_and_disagreement_weight_train(setup, tmp_path, router):
+    """Each router variant learns with the disagreement-weighted loss; the saved folder says its variant
+    and reloads to the same routing; a resume with another variant is refused."""
+    res = train(
+        config(
+            setup, tmp_path, num_epochs=3, learning_rate=3e-3, warmup_steps=0, router=router, disagreement_weight=3.0
+        ),
+        model=fresh(setup),
+    )
+    assert res.model.router == router and res.best_val_nll < res.initial_val_nll - 0.3
+    loaded = MultiModelWithScalarHeads.from_pretrained(tmp_path / "best_model", base_models=setup.infos, device="cpu")
+    assert loaded.router == router
+    pt = torch.load(tmp_path / "best_model_heads.pt", weights_only=True)
+    assert loaded.state_dict().keys() == pt.keys() and all(
+        torch.equal(v, pt[k]) for k, v in loaded.state_dict().items()
+    )
+    with pytest.raises(TrainingError, match="router"):
+        train(
+            config(setup, tmp_path, num_epochs=3, resume=True, router="seed", disagreement_weight=3.0),
+            model=fresh(setup),
+        )
 
 
 def test_wandb_gets_the_seed_metric_names(setup, tmp_path, monkeypatch):
