@@ -14,6 +14,7 @@ COMMANDS = {
     "evaluate": ("salm.evaluation.runner", "evaluate the ensemble against each member"),
     "generate": ("salm.cli", "generate a routed answer, tokens coloured by member"),
     "quickstart": ("salm.quickstart.run", "the whole pipeline offline on the small embedded default"),
+    "harness": ("salm.harness.command", "the ensemble and each member through lm-evaluation-harness"),
 }
 
 

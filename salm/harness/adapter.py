@@ -110,9 +110,10 @@ class SalmLM(TemplateLM):
             raise ValueError(f"salm: batch_size must be >= 1, got {batch_size}")
         self._max_gen_toks = int(max_gen_toks)
         self.seed = int(seed)
-        self._setup_distributed(device, ensemble)
+        self._setup_distributed(device)
         if ensemble is None:
-            ensemble = _load_ensemble(models, weights, routing, dtype, self._device_arg, _bool(trust_remote_code))
+            warn = not routing.startswith("member:")
+            ensemble = _load_ensemble(models, weights, dtype, self._device_arg, _bool(trust_remote_code), warn)
         self.model = ensemble.eval()
         self.tokenizer = ensemble.tokenizer
         self.routing_name = routing
@@ -122,22 +123,15 @@ class SalmLM(TemplateLM):
         self._device = ensemble.device
 
     # ------------------------------------------------------------------ processes
-    def _setup_distributed(self, device: str | None, ensemble: Any) -> None:
-        """Rank and world from ``accelerate`` when several processes run (the ensemble then sits on this rank's
-        device); a single process never imports accelerate."""
+    def _setup_distributed(self, device: str | None) -> None:
+        """Rank and world from ``accelerate`` when several processes run; the ensemble then sits on this
+        rank's device. A single process never imports accelerate."""
         self._device_arg = device
-        self._state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return
-        if ensemble is not None:
-            raise ValueError("salm: under several processes each one loads its own ensemble; do not pass ensemble=")
-        from accelerate import PartialState
-
-        cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
-        self._state = PartialState(cpu=cpu)
-        self._rank = self._state.process_index
-        self._world_size = self._state.num_processes
-        self._device_arg = str(self._state.device)
+        self._state = process_state(device)
+        if self._state is not None:
+            self._rank = self._state.process_index
+            self._world_size = self._state.num_processes
+            self._device_arg = str(self._state.device)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size <= 1:
@@ -363,18 +357,32 @@ def _bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
 
 
+def process_state(device: str | None = None) -> Any:
+    """accelerate's ``PartialState`` when several processes were launched (``accelerate launch``, ``torchrun``),
+    else None. CPU processes (``device="cpu"`` or no GPU) use accelerate's CPU backend, gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate sees {state.num_processes} process(es); "
+            "launch with accelerate launch (or torchrun) and a matching device"
+        )
+    return state
+
+
 def _load_ensemble(
-    models: str | None, weights: str | None, routing: str, dtype: str | None, device: str | None, trust: bool
+    models: str | None, weights: str | None, dtype: str | None, device: str | None, trust: bool, warn: bool = True
 ) -> Any:
-    """The ensemble from a member-set file and heads; untrained heads are only acceptable for ``member:<id>``."""
+    """The ensemble from a member-set file and heads; untrained heads only make sense for ``member:<id>``."""
     from salm.ensemble import MultiModelWithScalarHeads
 
     common = dict(device=device, dtype=dtype, trust_remote_code=trust)
     if weights:
         return MultiModelWithScalarHeads.from_pretrained(weights_path=weights, base_models=models, **common)
-    if not routing.startswith("member:"):
-        logger.warning(
-            "salm: no weights= given, the routing heads are UNTRAINED (random); routing %r says nothing about saLM",
-            routing,
-        )
+    if warn:
+        logger.warning("salm: no weights= given, the routing heads are UNTRAINED (random): routed scores mean nothing")
     return MultiModelWithScalarHeads(models, **common)
