@@ -758,10 +758,13 @@ def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
         tf = res.get("teacher_forced")
         if tf and tf.get("tokens"):
             share = tf["captured_share"]
+            const = tf.get("constant_mixture") or {}
+            const_share = const.get("captured_share")
             print(
                 f"  NLL/token: ensemble {tf['ensemble_nll']:.3f}, best member {tf['best_member_nll']:.3f}, "
-                f"oracle {tf['oracle_nll']:.3f}; captured share "
-                f"{'n/a' if share is None else f'{share:.2f}'}"
+                f"best constant mixture {const.get('nll', float('nan')):.3f}, oracle {tf['oracle_nll']:.3f}; "
+                f"captured share {'n/a' if share is None else f'{share:.2f}'} "
+                f"(constant mixture {'n/a' if const_share is None else f'{const_share:.2f}'})"
             )
     for message in summary["skipped"].values():
         print(f"skipped {message}")
