@@ -212,3 +212,15 @@ def test_offline_task_data_missing_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"gsm8k/train.jsonl not found; .*--data_dir"):
         salm_local.gsm8k(data_dir=str(tmp_path))
+
+
+def test_a_member_runs_alone_through_the_same_code(tiny_ensemble):
+    """member:<id> uses a one-member view of the ensemble: same outputs as the full ensemble's member routing."""
+    from salm.harness.adapter import single_member_view
+
+    view = single_member_view(tiny_ensemble, 1)
+    assert view.model_ids == ["tiny-1"] and view.members == [tiny_ensemble.members[1]]
+    assert tiny_ensemble.model_ids == ["tiny-0", "tiny-1", "tiny-2"] and len(tiny_ensemble.members) == 3
+    prompts = [p for p, _ in PAIRS[:3]]
+    full = tiny_ensemble.generate(prompts, max_new_tokens=6, temperature=0, routing="member:tiny-1")
+    assert view.generate(prompts, max_new_tokens=6, temperature=0, routing="member:tiny-1") == full

@@ -1,7 +1,8 @@
 """lm-evaluation-harness model ``salm``: the routed ensemble (or one member through the same code) as an ``LM``.
 
 Every member runs through this very class with ``routing="member:<id>"``, so a member and the ensemble
-share tokenization, batching, truncation and stopping; only the routing rule differs.
+share tokenization, batching, truncation and stopping; only the routing rule differs. A member runs as an
+ensemble of itself alone (same class and code, its loaded weights shared), so it costs one member, not all.
 
 What each routing means for a log-likelihood (per continuation token t, summed over the continuation):
 
@@ -114,10 +115,17 @@ class SalmLM(TemplateLM):
         if ensemble is None:
             warn = not routing.startswith("member:")
             ensemble = _load_ensemble(models, weights, dtype, self._device_arg, _bool(trust_remote_code), warn)
-        self.model = ensemble.eval()
+        self.ensemble = ensemble.eval()
         self.tokenizer = ensemble.tokenizer
         self.routing_name = routing
         self.routing = parse_routing(routing, ensemble.model_ids)
+        # member:<id> runs an ensemble of that one member (the same class and code, sharing the loaded weights):
+        # the other members' outputs could not change its scores, only cost their forward passes.
+        if self.routing.mode == "member":
+            self.model = single_member_view(ensemble, self.routing.member)
+            self.routing = parse_routing(routing, self.model.model_ids)
+        else:
+            self.model = self.ensemble
         self.weights = weights
         self._max_length = int(max_length) if max_length else None
         self._device = ensemble.device
@@ -164,7 +172,7 @@ class SalmLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self._max_length or self.model.context_length or DEFAULT_MAX_LENGTH
+        return self._max_length or self.ensemble.context_length or DEFAULT_MAX_LENGTH
 
     @property
     def max_gen_toks(self) -> int:
@@ -193,13 +201,22 @@ class SalmLM(TemplateLM):
     def tok_decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's ``--apply_chat_template``: the shared tokenizer's chat template (instruct members)."""
+        return self.tokenizer.apply_chat_template(
+            chat_history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
     def get_model_info(self) -> dict[str, Any]:
         """Written into lm-eval's results ``config``: which members, heads and routing produced the numbers."""
         return {
-            "salm_members": [dict(i.to_dict()) for i in self.model.infos],
+            "salm_members": [dict(i.to_dict()) for i in self.ensemble.infos],
             "salm_routing": self.routing_name,
             "salm_weights": self.weights,
-            "model_dtype": str(self.model.dtype),
+            "model_dtype": str(self.ensemble.dtype),
         }
 
     # ------------------------------------------------------------------ log-likelihood
@@ -355,6 +372,20 @@ class SalmLM(TemplateLM):
 
 def _bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+
+
+def single_member_view(ensemble: Any, k: int) -> Any:
+    """The ensemble restricted to member ``k``: a shallow copy whose per-member lists (members, infos, ids, hidden
+    sizes, cache kwargs, ...) keep entry ``k`` only. It shares the loaded weights and heads and stops at the same
+    EOS ids as the whole ensemble; with member routing its head is never consulted."""
+    import copy
+
+    M = len(ensemble.model_ids)
+    view = copy.copy(ensemble)  # new __dict__, same modules
+    for key, value in list(ensemble.__dict__.items()):
+        if isinstance(value, (list, tuple)) and len(value) == M and not key.startswith("_modules"):
+            view.__dict__[key] = type(value)([value[k]])
+    return view
 
 
 def process_state(device: str | None = None) -> Any:

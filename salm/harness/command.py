@@ -242,7 +242,7 @@ def run_harness(
 
     from salm.evaluation.runner import heads_fingerprint
     from salm.harness import LOCAL_TASKS, task_manager
-    from salm.harness.adapter import SalmLM
+    from salm.harness.adapter import SalmLM, process_state
 
     if ENSEMBLE in ensemble.model_ids:
         raise HarnessError(f"a member may not be called {ENSEMBLE!r}: that name is the ensemble's in the table")
@@ -254,7 +254,8 @@ def run_harness(
     tm = task_manager(data_dir, include_defaults=not local_only)
     heads = heads_fingerprint(ensemble)
     per_model: dict[str, dict[str, Any]] = {}
-    rank = 0
+    state = process_state()
+    rank = state.process_index if state is not None else 0
     for name, routing in models.items():
         key = _settings_key(settings, name, routing, heads if name == ENSEMBLE else "", list(ensemble.model_ids))
         done = out / name / "results.json"
@@ -274,7 +275,6 @@ def run_harness(
             max_gen_toks=settings["max_gen_toks"],
             weights=weights,
         )
-        rank = lm.rank
         print(f"salm harness: evaluating {name} (routing {routing}) on {', '.join(tasks.values())}", file=sys.stderr)
         results = lm_eval.simple_evaluate(
             model=lm,
