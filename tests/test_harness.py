@@ -224,3 +224,22 @@ def test_a_member_runs_alone_through_the_same_code(tiny_ensemble):
     prompts = [p for p, _ in PAIRS[:3]]
     full = tiny_ensemble.generate(prompts, max_new_tokens=6, temperature=0, routing="member:tiny-1")
     assert view.generate(prompts, max_new_tokens=6, temperature=0, routing="member:tiny-1") == full
+
+
+@pytest.mark.parametrize("routing", ["mixture", "member:tiny-2"])
+def test_options_differing_in_their_last_token_share_one_pass(tiny_ensemble, routing):
+    """The logits cache (one pass scores options differing in their last token) = scoring each option alone."""
+    lm = SalmLM(ensemble=tiny_ensemble, routing=routing, batch_size=3)
+    ctx = "Question: what is two plus three?\nAnswer:"
+    options = [lm.tok_decode([t]) for t in range(20, 60)]
+    one = [(ctx, o) for o in options if len(lm._encode_pair(ctx, o)[1]) == 1][:6]
+    first = lm._encode_pair(ctx, one[0][1])[1]
+    two = [(ctx, one[0][1] + o) for o in options if lm._encode_pair(ctx, one[0][1] + o)[1][:1] == first]
+    two = [p for p in two if len(lm._encode_pair(*p)[1]) == 2][:4]
+    assert len(one) > 3 and len(two) > 2
+    pairs = one + two + PAIRS + [_greedy_pair(lm)]
+    cached = lm.loglikelihood(_requests(pairs), True)
+    lm.logits_cache = False
+    alone = lm.loglikelihood(_requests(pairs), True)
+    assert [lp for lp, _ in cached] == pytest.approx([lp for lp, _ in alone], rel=1e-6, abs=1e-5)
+    assert [g for _, g in cached] == [g for _, g in alone] and cached[-1][1] is True

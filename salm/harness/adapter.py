@@ -76,6 +76,7 @@ class SalmLM(TemplateLM):
     Qwen2.5-1.5B trio, or the members named in the heads' config), ``weights`` trained heads, ``routing``
     (``argmax``, ``mixture``, ``threshold:<p>``, ``member:<id>``), ``dtype``, ``device``, ``batch_size``,
     ``max_length`` (default: the smallest member context), ``max_gen_toks`` (default 256, as ``hf``),
+    ``logits_cache`` (default on, as ``hf``: one-token continuations of one context share a pass),
     ``seed`` for sampled generation, ``trust_remote_code``. ``ensemble=`` adopts an already loaded ensemble
     (``salm harness`` loads the members once and evaluates every routing on them).
 
@@ -95,6 +96,7 @@ class SalmLM(TemplateLM):
         batch_size: int | str | None = 8,
         max_length: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        logits_cache: bool = True,
         seed: int = 1234,
         trust_remote_code: bool = False,
         ensemble: Any = None,
@@ -110,6 +112,7 @@ class SalmLM(TemplateLM):
         if self._batch_size < 1:
             raise ValueError(f"salm: batch_size must be >= 1, got {batch_size}")
         self._max_gen_toks = int(max_gen_toks)
+        self.logits_cache = _bool(logits_cache)
         self.seed = int(seed)
         self._setup_distributed(device)
         if ensemble is None:
@@ -220,8 +223,13 @@ class SalmLM(TemplateLM):
         }
 
     # ------------------------------------------------------------------ log-likelihood
-    def _score_batch(self, seqs: list[tuple[list[int], int]], greedy: bool) -> list[tuple[float, bool]]:
-        """Right-padded batch of (tokens, continuation length) -> (routed log-prob sum, is_greedy) per row."""
+    def _score_batch(
+        self, seqs: list[tuple[list[int], int]], greedy: bool, want_dist: list[bool] | None = None
+    ) -> list[tuple[float, bool, tuple[torch.Tensor, bool] | None]]:
+        """Right-padded batch of (tokens, continuation length) -> (routed log-prob sum, is_greedy, and where
+        ``want_dist`` asks: (the routed log-distribution [V] at the row's last position, whether every earlier
+        continuation token was the routed argmax))."""
+        want = want_dist or [False] * len(seqs)
         width = max(len(s) for s, _ in seqs)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -233,15 +241,23 @@ class SalmLM(TemplateLM):
             # (its position id repeats the previous one and causal attention keeps it out of every earlier output).
             mask[r, : len(seq) - 1] = 1
             labels[r, len(seq) - n_cont : len(seq)] = ids[r, len(seq) - n_cont : len(seq)]
+        full = greedy or any(want)
         with torch.no_grad():
-            out = self.model(ids, attention_mask=mask, labels=labels, return_hidden_states=greedy)
+            out = self.model(ids, attention_mask=mask, labels=labels, return_hidden_states=full)
             token_lp = routed_token_logprobs(out.gold_logprobs, out.router_logits, self.routing)
             sums = (token_lp * out.loss_mask.float()).sum(-1)
-            is_greedy = self._greedy(out, labels) if greedy else torch.zeros(len(seqs), dtype=torch.bool)
-        return [(float(s), bool(g)) for s, g in zip(sums.tolist(), is_greedy.tolist())]
+            dists: list[tuple[torch.Tensor, bool] | None] = [None] * len(seqs)
+            is_greedy = self._routed_distributions(out, labels, want, dists) if full else None
+        if is_greedy is None or not greedy:
+            is_greedy = torch.zeros(len(seqs), dtype=torch.bool)
+        return [(float(s), bool(g), d) for s, g, d in zip(sums.tolist(), is_greedy.tolist(), dists)]
 
-    def _greedy(self, out: Any, labels: torch.Tensor) -> torch.Tensor:
-        """[B] whether each continuation is the routed distribution's argmax at every position.
+    def _routed_distributions(
+        self, out: Any, labels: torch.Tensor, want: list[bool], dists: list[tuple[torch.Tensor, bool] | None]
+    ) -> torch.Tensor:
+        """[B] whether each continuation is the routed distribution's argmax at every position; where ``want[r]``,
+        ``dists[r]`` = (row r's routed log-distribution at its last continuation position, whether its earlier
+        continuation tokens were all the argmax).
 
         Logits come from each member's LM head applied to the final hidden states the same pass returned, only at
         the continuation positions, in row chunks.
@@ -255,6 +271,9 @@ class SalmLM(TemplateLM):
         member = None if self.routing.mode == "mixture" else chosen_members(out.router_logits[mask], self.routing)
         N = targets.shape[0]
         hits = torch.zeros(N, dtype=torch.bool, device=model.device)
+        rows_list = rows_idx.tolist()
+        last = {r: p for p, r in enumerate(rows_list)}  # row -> its last continuation position
+        last_dist: dict[int, torch.Tensor] = {}
         step = max(1, _GREEDY_ELEMENTS // (model.vocab_size * len(model.members)))
         with torch.no_grad():
             for s in range(0, N, step):
@@ -269,6 +288,12 @@ class SalmLM(TemplateLM):
                 else:
                     routed = stacked[torch.arange(stacked.shape[0]), member[s : s + step]]
                 hits[s : s + step] = routed.argmax(-1) == targets[s : s + step]
+                for j, r in enumerate(rows_list[s : s + step]):
+                    if want[r] and last[r] == s + j:
+                        last_dist[r] = routed[j].cpu()
+        hits_list = hits.tolist()
+        for r, dist in last_dist.items():
+            dists[r] = (dist, all(h for p, (h, rr) in enumerate(zip(hits_list, rows_list)) if rr == r and p != last[r]))
         greedy = torch.ones(mask.shape[0], dtype=torch.long, device=model.device)
         greedy.scatter_reduce_(0, rows_idx.to(model.device), hits.long(), reduce="amin")
         return greedy.bool().cpu()
@@ -281,25 +306,48 @@ class SalmLM(TemplateLM):
         greedy: bool = True,
     ) -> list[tuple[float, bool]]:
         """Batched, longest first; as ``hf``, a sequence beyond ``max_length + 1`` tokens (``max_length`` read, the
-        last one only predicted) loses the start of its context."""
+        last one only predicted) loses the start of its context.
+
+        With ``logits_cache`` (on, as in ``hf``), continuations that differ only in their last token after the
+        same tokens (multiple-choice letters, yes/no) share one pass: the routed distribution at that last position
+        scores every candidate.
+        """
         seqs: list[tuple[list[int], int]] = []
         for _, ctx, cont in requests:
             if not cont or len(cont) > self.max_length:
                 raise ValueError(f"salm: a continuation must have 1 to {self.max_length} tokens, got {len(cont)}")
             window = (ctx + cont)[-(self.max_length + 1) :]
             seqs.append((window, min(len(cont), len(window) - 1)))
-        order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i][0]), seqs[i][0]))
+        shared: dict[int, list[int]] = {}  # representative -> every request scored from its distribution
+        if self.logits_cache:
+            groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+            for i, (window, n_cont) in enumerate(seqs):
+                groups.setdefault((tuple(window[:-1]), n_cont), []).append(i)
+            shared = {idx[0]: idx for idx in groups.values() if len(idx) > 1}
+        followers = {j for idx in shared.values() for j in idx[1:]}
+        run = [i for i in range(len(seqs)) if i not in followers]
+        order = sorted(run, key=lambda i: (-len(seqs[i][0]), seqs[i][0]))
         bs = override_bs or self.batch_size
         results: list[tuple[float, bool] | None] = [None] * len(seqs)
         bar = tqdm(total=len(seqs), disable=disable_tqdm or self.rank != 0, desc="salm loglikelihood")
         for start in range(0, len(order), bs):
             rows = order[start : start + bs]
-            for i, res in zip(rows, self._score_batch([seqs[i] for i in rows], greedy)):
-                results[i] = res
-                req = requests[i][0]
-                if req is not None:
-                    self.cache_hook.add_partial("loglikelihood", req, res)
-            bar.update(len(rows))
+            scored = self._score_batch([seqs[i] for i in rows], greedy, [i in shared for i in rows])
+            for i, (total, is_greedy, cached) in zip(rows, scored):
+                if cached is None:
+                    results[i] = (total, is_greedy)
+                    continue
+                dist, prefix_greedy = cached
+                best, earlier = int(dist.argmax()), total - float(dist[seqs[i][0][-1]])
+                for j in shared[i]:
+                    token = seqs[j][0][-1]
+                    results[j] = (earlier + float(dist[token]), greedy and prefix_greedy and token == best)
+            for i in rows:
+                for j in shared.get(i, [i]):
+                    req = requests[j][0]
+                    if req is not None:
+                        self.cache_hook.add_partial("loglikelihood", req, results[j])
+            bar.update(sum(len(shared.get(i, [i])) for i in rows))
         bar.close()
         return results  # type: ignore[return-value]
 
