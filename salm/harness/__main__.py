@@ -3,7 +3,7 @@ and the offline tasks on the include path (lm-eval 0.4 discovers no models from 
 ``lm_eval --model salm`` cannot find it)::
 
     python -m salm.harness run --model salm --model_args models=members.yaml,weights=best_model,routing=argmax \\
-        --tasks gsm8k_local --num_fewshot 5 --metadata '{"data_dir": "../shared/data"}' --output_path out/
+        --device cuda --tasks gsm8k_local --num_fewshot 5 --metadata '{"data_dir": "../shared/data"}' --output_path out/
 """
 
 from __future__ import annotations
