@@ -18,6 +18,7 @@ COMMANDS = {
         "salm.quickstart.knowledge",
         "knowledge-split benchmark: does the router pick the member that knows?",
     ),
+    "harness": ("salm.harness.command", "the ensemble and each member through lm-evaluation-harness"),
 }
 
 

@@ -12,11 +12,14 @@ Teacher-forced quantities, per gold answer token (position t scores token t+1):
 * oracle NLL: ``min_m -log p_m(gold)``, a router that always knew the best member;
 * router agreement: share of tokens where ``argmax pi`` is the oracle's member;
 * captured share: ``(NLL_best_member - NLL_ensemble) / (NLL_best_member - NLL_oracle)``, the part of the
-  oracle's gain over the best single member that the trained router realises (1 = oracle, 0 = no gain).
+  oracle's gain over the best single member that the trained router realises (1 = oracle, 0 = no gain);
+* best constant mixture: ``-log sum_m w_m p_m(gold)`` with one weight vector for every token, the baseline a
+  per-token router must beat to be worth its cost (:func:`constant_mixture`), with its own captured share.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,6 +34,8 @@ from salm.data.examples import Example
 __all__ = [
     "ContinuationScores",
     "combine_teacher_forced",
+    "constant_mixture",
+    "fit_constant_mixture",
     "decision_patterns",
     "encode_pairs",
     "kept_decisions",
@@ -214,6 +219,73 @@ def combine_teacher_forced(results: Iterable[Mapping[str, Any]]) -> dict[str, An
     return summarize_sums(total)
 
 
+def fit_constant_mixture(logprobs: torch.Tensor, iters: int = 1000, tol: float = 1e-10) -> torch.Tensor:
+    """The weights ``w`` (on the simplex) maximising ``sum_t log sum_m w_m p_m(t)`` for token log-probs ``[T, M]``.
+
+    The objective is concave in ``w``, so EM (``w <- mean_t posterior_t``) converges to the global optimum;
+    no grid is needed and any number of members works.
+    """
+    lp = logprobs.double()
+    M = lp.shape[-1]
+    w = torch.full((M,), 1.0 / M, dtype=torch.float64)
+    if lp.shape[0] == 0:
+        return w.float()
+    prev = math.inf
+    for _ in range(iters):
+        joint = lp + w.clamp_min(1e-300).log()
+        nll = -float(torch.logsumexp(joint, dim=-1).mean())
+        w = torch.softmax(joint, dim=-1).mean(0)
+        if prev - nll < tol:
+            break
+        prev = nll
+    return w.float()
+
+
+def _mixture_nll_sum(logprobs: torch.Tensor, weights: torch.Tensor) -> float:
+    return -float(torch.logsumexp(logprobs.double() + weights.double().clamp_min(1e-300).log(), dim=-1).sum())
+
+
+def constant_mixture(
+    logprobs: torch.Tensor,
+    rows: torch.Tensor,
+    model_ids: Sequence[str],
+    best_member_nll: float,
+    oracle_nll: float,
+    fit_logprobs: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """The best constant mixture of the members on gold tokens ``[T, M]`` (``rows`` [T]: the sequence of each).
+
+    Weights are fitted on ``fit_logprobs`` (e.g. the validation split's tokens) when given; otherwise by 2-fold
+    cross-fitting over sequences (even/odd), so every test token is scored with weights fitted on other
+    sequences. ``nll_in_hindsight`` (weights fitted on the test tokens themselves) is the best any constant
+    mixture could do here. ``captured_share`` compares it with the oracle like the router's.
+    """
+    T = logprobs.shape[0]
+    if T == 0:
+        return {"weights": {m: 1.0 / len(model_ids) for m in model_ids}, "nll": 0.0, "captured_share": None}
+    hindsight = fit_constant_mixture(logprobs)
+    folds = rows.long() % 2
+    if fit_logprobs is not None:
+        weights = fit_constant_mixture(fit_logprobs)
+        nll, how = _mixture_nll_sum(logprobs, weights) / T, "fitted on the given fit tokens (validation)"
+    elif bool((folds == 0).any()) and bool((folds == 1).any()):
+        total = 0.0
+        for f in (0, 1):
+            w_f = fit_constant_mixture(logprobs[folds != f])
+            total += _mixture_nll_sum(logprobs[folds == f], w_f)
+        weights, nll, how = hindsight, total / T, "2-fold cross-fitted over sequences (weights: fitted on all)"
+    else:
+        weights, nll, how = hindsight, _mixture_nll_sum(logprobs, hindsight) / T, "fitted on these tokens (1 sequence)"
+    gap = best_member_nll - oracle_nll
+    return {
+        "weights": {m: float(v) for m, v in zip(model_ids, weights.tolist())},
+        "nll": nll,
+        "nll_in_hindsight": _mixture_nll_sum(logprobs, hindsight) / T,
+        "fit": how,
+        "captured_share": (best_member_nll - nll) / gap if gap > 1e-9 else None,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # Teacher forcing with a model
 # ----------------------------------------------------------------------------------------------------
@@ -252,10 +324,12 @@ class ContinuationScores:
     routed_to: torch.Tensor  # [R, M] tokens the argmax router gives each member
     router_prob: torch.Tensor  # [R, M] summed routing probabilities
     tokens: torch.Tensor  # [R]
+    token_logprobs: torch.Tensor | None = None  # [T, M] every member's log p of each scored token
+    token_rows: torch.Tensor | None = None  # [T] the pair each of those tokens belongs to
 
     def sums(self) -> dict[str, Any]:
         sums = _empty_sums(self.model_ids)
-        _add_scores(sums, self.__dict__, self.model_ids)
+        _add_scores(sums, {k: v for k, v in self.__dict__.items() if not k.startswith("token_")}, self.model_ids)
         return sums
 
 
@@ -285,7 +359,10 @@ def _batches(
                     labels[r, len(seq) - n_cont : len(seq)] = torch.tensor(seq[len(seq) - n_cont :], dtype=torch.long)
             with torch.no_grad():
                 out = model.forward(ids, attention_mask=mask, labels=labels)
-            yield rows, token_scores(out.gold_logprobs, out.router_logits, out.loss_mask)
+            scores = token_scores(out.gold_logprobs, out.router_logits, out.loss_mask)
+            scores["token_logprobs"] = out.gold_logprobs[out.loss_mask].float()
+            scores["token_rows"] = out.loss_mask.nonzero()[:, 0]  # batch-local row of each scored token
+            yield rows, scores
             if bar is not None:
                 bar.update(len(rows))
     finally:
@@ -311,14 +388,22 @@ def score_continuations(
     res = {k: torch.zeros(R) for k in ("mixture", "routed", "oracle", "agreement", "tokens")}
     for k in ("member", "routed_to", "router_prob"):
         res[k] = torch.zeros(R, M)
+    token_lp, token_rows = [], []
     try:
         for rows, scores in _batches(model, encoded, batch_size, progress, desc):
             idx = torch.tensor(rows, dtype=torch.long)
             for k in res:
                 res[k][idx] = scores[k].detach().cpu()
+            token_lp.append(scores["token_logprobs"].detach().cpu())
+            token_rows.append(idx[scores["token_rows"].cpu()])
     finally:
         model.train(was_training)
-    return ContinuationScores(list(model.model_ids), **res)
+    return ContinuationScores(
+        list(model.model_ids),
+        **res,
+        token_logprobs=torch.cat(token_lp) if token_lp else torch.zeros(0, M),
+        token_rows=torch.cat(token_rows) if token_rows else torch.zeros(0, dtype=torch.long),
+    )
 
 
 def teacher_forced_metrics(
@@ -329,8 +414,11 @@ def teacher_forced_metrics(
     target: Callable[[Example], str] | None = None,
     progress: bool = False,
     desc: str = "teacher forcing",
+    fit_items: Sequence[Example | tuple[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """Member / ensemble / routed / oracle NLL per gold token, router agreement and captured share.
+    """Member / ensemble / routed / oracle NLL per gold token, router agreement and captured share, and the
+    best constant mixture of the members (:func:`constant_mixture`; fitted on ``fit_items`` when given, e.g.
+    the validation split, else cross-fitted over the items).
 
     ``items`` are Examples (scored on ``target(ex)`` given ``prompt(ex)``, by default ``ex.answer``
     given ``ex.prompt``) or ready (context, continuation) pairs. Labels cover only the answer tokens.
@@ -341,4 +429,18 @@ def teacher_forced_metrics(
     pairs = [it if isinstance(it, tuple) else (prompt(it), target(it)) for it in items]
     if not pairs:
         return summarize_sums(_empty_sums(model.model_ids))
-    return summarize_sums(score_continuations(model, pairs, batch_size, progress, desc).sums())
+    scores = score_continuations(model, pairs, batch_size, progress, desc)
+    result = summarize_sums(scores.sums())
+    fit = None
+    if fit_items:
+        fit_pairs = [it if isinstance(it, tuple) else (prompt(it), target(it)) for it in fit_items]
+        fit = score_continuations(model, fit_pairs, batch_size, progress, f"{desc} (fit)").token_logprobs
+    result["constant_mixture"] = constant_mixture(
+        scores.token_logprobs,
+        scores.token_rows,
+        model.model_ids,
+        result["best_member_nll"],
+        result["oracle_nll"],
+        fit,
+    )
+    return result

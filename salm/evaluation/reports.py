@@ -290,11 +290,16 @@ def render_report(summary: Mapping[str, Any]) -> str:
                 ["argmax routing", tf["routed_nll"]],
                 ["oracle router", tf["oracle_nll"]],
             ]
+            const = tf.get("constant_mixture")
+            if const:
+                weights = ", ".join(f"{m} {w:.2f}" for m, w in const["weights"].items())
+                rows.insert(len(tf["member_nll"]), [f"best constant mixture ({weights})", const["nll"]])
             lines += [f"Teacher-forced on the gold answers ({tf['tokens']} tokens), NLL per token:", ""]
             lines += _table(["model", "NLL/token"], rows)
             lines += [
                 f"Router agrees with the oracle on {tf['router_agreement']:.1%} of tokens; captured share of "
-                f"the oracle's gain over {tf['best_member']}: {_f(tf['captured_share'], 2)}.",
+                f"the oracle's gain over {tf['best_member']}: {_f(tf['captured_share'], 2)}"
+                + (f" (best constant mixture, {const['fit']}: {_f(const['captured_share'], 2)})." if const else "."),
                 "",
             ]
             if tf.get("router_share"):

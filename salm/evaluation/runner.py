@@ -32,7 +32,7 @@ from salm.evaluation.analysis import (
     teacher_forced_metrics,
 )
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
-from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, generic_task
+from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, draw_shots, generic_task, with_fewshot
 from salm.generation import GenerationError, check_decoding, prompt_budget
 from salm.io import (
     OutputLockedError,
@@ -93,6 +93,7 @@ class EvalSettings:
     weights: str | None = None
     progress: bool = True
     compile: bool = False  # static caches + compiled decode step; same tokens, so not part of the resume key
+    num_fewshot: int = 0
 
     def validate(self) -> None:
         problems = []
@@ -108,6 +109,8 @@ class EvalSettings:
             problems.append(f"choice mode must be one of {', '.join(CHOICE_MODES)}, got {self.choice_mode!r}")
         if self.num_examples < 0:
             problems.append(f"num_examples must be >= 0, got {self.num_examples}")
+        if self.num_fewshot < 0:
+            problems.append(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if not problems:  # types, NaN and the routing's syntax, before any member loads
             try:
                 check_decoding(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.routing,
@@ -221,12 +224,49 @@ def prepare_tasks(
                 continue
         else:
             examples = list(given)
-        examples = sample_examples(_scorable(task, examples), settings.sample_size, settings.random_seed)
+        usable = _scorable(task, examples)
+        examples = sample_examples(usable, settings.sample_size, settings.random_seed)
         if not examples:
             skipped[task.name] = f"{task.name}: no usable examples"
             continue
+        if settings.num_fewshot:
+            try:
+                task = _fewshot_task(task, examples, usable, settings, given is None)
+            except ValueError as e:
+                skipped[task.name] = str(e)
+                continue
         runs.append((task, examples))
     return runs, skipped
+
+
+def _fewshot_task(
+    task: Task, examples: list[Example], usable: list[Example], settings: EvalSettings, loaded: bool
+) -> Task:
+    """The task with ``settings.num_fewshot`` shots per example (:func:`salm.evaluation.tasks.draw_shots`).
+
+    Shots come from the dataset's train split when it has one (a known dataset or hub id evaluated on another
+    split); otherwise, e.g. for a single local file, from its rows that are not being evaluated.
+    """
+    pool, source = None, None
+    split = settings.split or task.split
+    is_file = task.source is not None and Path(task.source).expanduser().is_file()
+    if loaded and task.source is not None and not is_file and split != "train":
+        try:
+            pool = _scorable(task, load_examples(task.source, split="train", name=task.name))
+            source = f"train split of {task.source}"
+        except (DatasetUnavailableError, DataFormatError, FileNotFoundError, ValueError) as e:
+            logger.info("%s: no train split for shots (%s); using rows not evaluated", task.name, e)
+    if pool is None:
+        evaluated = {ex.id for ex in examples}
+        pool = [ex for ex in usable if ex.id not in evaluated]
+        source = "rows of the evaluated data that are not evaluated"
+    if len(pool) < settings.num_fewshot:
+        raise ValueError(
+            f"{task.name}: --num_fewshot {settings.num_fewshot} needs that many shots but only {len(pool)} "
+            f"{source} are available; lower --sample_size or --num_fewshot"
+        )
+    shots = draw_shots(task.name, examples, pool, settings.num_fewshot, settings.random_seed)
+    return with_fewshot(task, shots, k=settings.num_fewshot, seed=settings.random_seed, source=source)
 
 
 def count_cut_prompts(tokenizer: Any, prompts: Sequence[str], context_length: int | None, room: int) -> int:
@@ -658,6 +698,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local data file for a dataset (repeatable); a new NAME adds a generic task",
     )
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument(
+        "--num_fewshot",
+        type=int,
+        default=0,
+        help="worked examples before each question: from the train split, else from rows not evaluated "
+        "(seeded by --random_seed; the same for every model)",
+    )
     parser.add_argument("--routing", default="argmax", help="ensemble routing: argmax | mixture | threshold:<p>")
     parser.add_argument(
         "--compile", action="store_true", help="static caches + torch.compile'd decode step (a warm-up per batch shape)"
@@ -716,10 +763,13 @@ def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
         tf = res.get("teacher_forced")
         if tf and tf.get("tokens"):
             share = tf["captured_share"]
+            const = tf.get("constant_mixture") or {}
+            const_share = const.get("captured_share")
             print(
                 f"  NLL/token: ensemble {tf['ensemble_nll']:.3f}, best member {tf['best_member_nll']:.3f}, "
-                f"oracle {tf['oracle_nll']:.3f}; captured share "
-                f"{'n/a' if share is None else f'{share:.2f}'}"
+                f"best constant mixture {const.get('nll', float('nan')):.3f}, oracle {tf['oracle_nll']:.3f}; "
+                f"captured share {'n/a' if share is None else f'{share:.2f}'} "
+                f"(constant mixture {'n/a' if const_share is None else f'{const_share:.2f}'})"
             )
     for message in summary["skipped"].values():
         print(f"skipped {message}")
@@ -755,6 +805,7 @@ def run(args: argparse.Namespace) -> int:
             split=args.split,
             weights=args.model_weights,
             compile=args.compile,
+            num_fewshot=args.num_fewshot,
         )
         settings.validate()
     except ValueError as e:

@@ -18,8 +18,9 @@ that merely echoes a number from the question, so it is not the headline.
 
 from __future__ import annotations
 
+import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,6 +42,8 @@ __all__ = [
     "score_exact_output",
     "score_gsm8k_output",
     "score_yes_no_output",
+    "draw_shots",
+    "with_fewshot",
 ]
 
 Scorer = Callable[[str, Example], dict[str, Any]]
@@ -174,6 +177,7 @@ class Task:
     target: Callable[[Example], str] = _default_target
     loglik: Mapping[str, ChoiceBuilder] = field(default_factory=dict)
     description: str = ""
+    fewshot: Mapping[str, Any] | None = None  # set by with_fewshot: k, seed, where shots come from, shot ids
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -202,6 +206,7 @@ class Task:
             "random_baseline": self.random_baseline,
             "loglik_variants": list(self.loglik),
             "description": self.description,
+            "fewshot": dict(self.fewshot) if self.fewshot else None,
         }
 
 
@@ -278,3 +283,49 @@ TASKS.register(
         description="yes/no reading comprehension (passage + question)",
     )
 )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Few-shot prompts
+# ----------------------------------------------------------------------------------------------------
+
+SHOT_SEPARATOR = "\n\n"
+
+
+def draw_shots(
+    task_name: str, examples: Sequence[Example], pool: Sequence[Example], k: int, seed: int
+) -> dict[str, list[Example]]:
+    """``k`` shots per example from ``pool``, never the example itself.
+
+    Each example's shots come from its own RNG, seeded by ``(seed, task, example id)``: the same shots for every
+    model, whatever order, sample or batch the example is evaluated in, and reproducible for a seed.
+    """
+    if k < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {k}")
+    shots: dict[str, list[Example]] = {}
+    for ex in examples:
+        candidates = [p for p in pool if p.id != ex.id]
+        if len(candidates) < k:
+            raise ValueError(
+                f"{task_name}: {k} shots wanted but only {len(candidates)} examples can serve as shots for {ex.id}"
+            )
+        picked = random.Random(f"{seed}:{task_name}:{ex.id}").sample(range(len(candidates)), k)
+        shots[ex.id] = [candidates[i] for i in picked]
+    return shots
+
+
+def with_fewshot(task: Task, shots: Mapping[str, Sequence[Example]], **info: Any) -> Task:
+    """``task`` whose prompt puts the example's shots first, each as ``prompt + target`` then a blank line.
+
+    Shots use the task's own prompt and target, so a base model sees worked answers in the graded format
+    ("Therefore, the answer is: X") before the question; the stop strings end the answer at the next "Question:".
+    ``info`` (k, seed, source) is recorded with the shot ids in :meth:`Task.describe`, i.e. in every results file.
+    """
+    base_prompt, target = task.prompt, task.target
+
+    def prompt(example: Example) -> str:
+        context = "".join(base_prompt(s) + target(s) + SHOT_SEPARATOR for s in shots.get(example.id, ()))
+        return context + base_prompt(example)
+
+    record = {**info, "shots": {ex_id: [s.id for s in chosen] for ex_id, chosen in shots.items()}}
+    return replace(task, prompt=prompt, fewshot=record)

@@ -1,0 +1,352 @@
+"""``salm harness``: the ensemble and every member through lm-evaluation-harness, on the same tasks, in one call.
+
+The members are loaded once; each model is the ``salm`` lm-eval model on that ensemble with its own routing
+(the ensemble's, then ``member:<id>`` per member), so all share tokenization, batching, stopping and few-shot
+prompts (lm-eval's fewshot seed is fixed, so every model sees the same shots). Per model the output folder gets
+lm-eval's own ``results.json`` and per-task ``samples_<task>.jsonl``; for the run ``comparison.md`` /
+``comparison.json`` (accuracy ± stderr and the 95% Wilson interval per task, ensemble − best member) and
+``comparison.png``. A model whose ``results.json`` was written with the same settings is not rerun.
+
+Task names are lm-eval's. ``gsm8k``, ``medqa_4options`` and ``boolq`` run on the offline copies shipped in
+:mod:`salm.harness` (``*_local``) when the data folder holds them, unless ``--hub`` asks for lm-eval's own hub
+tasks; any other lm-eval task name is passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from salm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+ENSEMBLE = "ensemble"
+# Headline metric per task (lm-eval's key "metric,filter"); other tasks use their first non-stderr metric.
+PRIMARY_METRICS = {
+    "gsm8k": "exact_match,strict-match",
+    "gsm8k_local": "exact_match,strict-match",
+    "medqa_4options": "acc,none",
+    "medqa_4options_local": "acc,none",
+    "boolq": "acc,none",
+    "boolq_local": "acc,none",
+}
+
+
+class HarnessError(ValueError):
+    """Bad ``salm harness`` input (the message names the flag)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from salm.cli import add_model_arguments
+
+    parser.add_argument("--weights", "--model_weights", dest="weights", default=None, help="trained heads")
+    parser.add_argument(
+        "--tasks",
+        default="gsm8k,medqa_4options,boolq",
+        help="comma-separated lm-eval task names (default: %(default)s)",
+    )
+    parser.add_argument("--num_fewshot", type=int, default=None, help="shots per question (default: each task's)")
+    parser.add_argument("--output_dir", default="harness_results")
+    parser.add_argument("--routing", default="argmax", help="the ensemble's routing: argmax | mixture | threshold:<p>")
+    parser.add_argument("--only_ensemble", action="store_true", help="skip the members' own runs")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_gen_toks", type=int, default=256, help="new tokens per generation (lm-eval's default)")
+    parser.add_argument(
+        "--limit", type=float, default=None, help="documents per task (lm-eval's --limit; testing only)"
+    )
+    parser.add_argument("--fewshot_seed", type=int, default=1234, help="lm-eval's fewshot_random_seed")
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder of the local gsm8k/medqa/boolq copies (default: $SALM_DATA_DIR, else ../shared/data)",
+    )
+    parser.add_argument("--hub", action="store_true", help="use lm-eval's own hub tasks even where a local copy exists")
+    parser.add_argument("--no_plots", action="store_true")
+    add_model_arguments(parser)
+
+
+def resolve_tasks(names: Sequence[str], data_dir: Path, hub: bool = False) -> dict[str, str]:
+    """Requested name -> lm-eval task actually run (the offline copy where the data folder has it)."""
+    from salm.harness import LOCAL_TASKS
+    from salm.harness.tasks.salm_local import missing_files
+
+    out = {}
+    for name in names:
+        local = LOCAL_TASKS.get(name)
+        if local and not hub and not missing_files(local, data_dir):
+            out[name] = local
+        else:
+            if local and not hub:
+                missing = ", ".join(map(str, missing_files(local, data_dir)))
+                print(
+                    f"salm harness: no local copy of {name} in {data_dir} ({missing} missing): "
+                    f"using lm-eval's hub task {name!r} (pass --data_dir to use a local copy)",
+                    file=sys.stderr,
+                )
+            out[name] = name
+    return out
+
+
+def primary_metric(task: str, results: Mapping[str, Any]) -> str | None:
+    if task in PRIMARY_METRICS and PRIMARY_METRICS[task] in results:
+        return PRIMARY_METRICS[task]
+    return next(
+        (k for k, v in results.items() if "," in k and "_stderr" not in k and isinstance(v, (int, float))), None
+    )
+
+
+def comparison(per_model: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, str]) -> dict[str, Any]:
+    """Per task: each model's primary metric with lm-eval's stderr, n and a 95% Wilson interval, and the
+    ensemble's difference to the best member (from lm-eval's results dicts alone)."""
+    from salm.evaluation.stats import improvement_over_best, wilson_interval
+
+    rows = {}
+    for requested, task in tasks.items():
+        entry: dict[str, Any] = {"task": task, "models": {}}
+        for name, res in per_model.items():
+            r = res.get("results", {}).get(task)
+            if r is None:
+                continue
+            metric = primary_metric(task, r)
+            if metric is None:
+                continue
+            value = float(r[metric])
+            stderr = r.get(metric.replace(",", "_stderr,", 1))
+            n = int(res.get("n-samples", {}).get(task, {}).get("effective", 0))
+            low, high = wilson_interval(round(value * n), n) if n and 0 <= value <= 1 else (None, None)
+            entry["metric"] = metric
+            entry["models"][name] = {
+                "value": value,
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "n": n,
+                "ci_low": low,
+                "ci_high": high,
+            }
+            if task == "gsm8k_local" or task == "gsm8k":
+                flex = r.get("exact_match,flexible-extract")
+                entry["models"][name]["flexible"] = float(flex) if flex is not None else None
+        members = {k: v["value"] for k, v in entry["models"].items() if k != ENSEMBLE}
+        if ENSEMBLE in entry["models"] and members:
+            entry["ensemble_minus_best"] = improvement_over_best(entry["models"][ENSEMBLE]["value"], members)
+        rows[requested] = entry
+    return rows
+
+
+def render_comparison(rows: Mapping[str, Any], models: Sequence[str], settings: Mapping[str, Any]) -> str:
+    lines = [
+        "# saLM through lm-evaluation-harness",
+        "",
+        f"Routing of the ensemble: `{settings['routing']}`; members run as `member:<id>` through the same model "
+        f"class. Few-shot: {settings['num_fewshot'] if settings['num_fewshot'] is not None else 'task default'} "
+        f"(lm-eval fewshot seed {settings['fewshot_seed']}); limit: {settings['limit'] or 'none'}.",
+        "Each cell: metric ± lm-eval's stderr [95% Wilson interval].",
+        "",
+        "| task (lm-eval task, metric) | n | " + " | ".join(models) + " | ensemble − best member |",
+        "|" + "---|" * (len(models) + 3),
+    ]
+    for requested, e in rows.items():
+        cells = []
+        n = next((m["n"] for m in e["models"].values()), 0)
+        for name in models:
+            m = e["models"].get(name)
+            if m is None:
+                cells.append("—")
+                continue
+            s = f"{m['value']:.3f}"
+            if m["stderr"] is not None:
+                s += f" ± {m['stderr']:.3f}"
+            if m["ci_low"] is not None:
+                s += f" [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+            cells.append(s)
+        d = e.get("ensemble_minus_best")
+        delta = f"{d['delta']:+.3f} (best: {d['best_member']})" if d else "—"
+        lines.append(
+            f"| {requested} ({e['task']}, {e.get('metric', '?')}) | {n} | " + " | ".join(cells) + f" | {delta} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: Mapping[str, Any], models: Sequence[str], members: Sequence[str], path: Path) -> None:
+    from salm.display import member_colour
+    from salm.evaluation.reports import ENSEMBLE_COLOUR
+    from salm.plotting import figure, save_png
+
+    tasks = [t for t, e in rows.items() if e["models"]]
+    if not tasks:
+        return
+    fig = figure(max(5.0, 1.5 * len(tasks) * len(models) / 2), 4)
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    for j, name in enumerate(models):
+        xs, ys, lo, hi = [], [], [], []
+        for i, t in enumerate(tasks):
+            m = rows[t]["models"].get(name)
+            if m is None:
+                continue
+            xs.append(i + (j - (len(models) - 1) / 2) * width)
+            ys.append(m["value"])
+            lo.append(m["value"] - m["ci_low"] if m["ci_low"] is not None else 0.0)
+            hi.append(m["ci_high"] - m["value"] if m["ci_high"] is not None else 0.0)
+        colour = member_colour(members, name) if name in members else ENSEMBLE_COLOUR
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name, color=colour)
+    ax.set_xticks(range(len(tasks)), [f"{t}\n{rows[t].get('metric', '')}" for t in tasks])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% Wilson CI)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("lm-evaluation-harness: ensemble and members")
+    save_png(fig, path, bbox_inches="tight")
+
+
+def _settings_key(settings: Mapping[str, Any], name: str, routing: str, heads: str, members: list[str]) -> str:
+    blob = json.dumps(
+        {**settings, "model": name, "routing": routing, "heads": heads, "members": members}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _write_model_results(out: Path, results: dict[str, Any], key: str) -> dict[str, Any]:
+    """lm-eval's results JSON (its own serialisation) plus the samples per task, atomically."""
+    from lm_eval.utils import handle_non_serializable
+
+    samples = results.pop("samples", None) or {}
+    results["salm_harness_key"] = key
+    clean = json.loads(json.dumps(results, default=handle_non_serializable))
+    for task, rows in samples.items():
+        atomic_write_jsonl(
+            out / f"samples_{task}.jsonl", (json.loads(json.dumps(r, default=handle_non_serializable)) for r in rows)
+        )
+    atomic_write_json(out / "results.json", clean)
+    return clean
+
+
+def run_harness(
+    ensemble: Any,
+    tasks: Mapping[str, str],
+    output_dir: str | Path,
+    settings: Mapping[str, Any],
+    data_dir: Path,
+    only_ensemble: bool = False,
+    plots: bool = True,
+    weights: str | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate the ensemble (``settings["routing"]``) and each member (``member:<id>``) with lm-eval; rank 0
+    writes the outputs and returns the comparison (other ranks return None)."""
+    import lm_eval
+
+    from salm.evaluation.runner import heads_fingerprint
+    from salm.harness import LOCAL_TASKS, task_manager
+    from salm.harness.adapter import SalmLM, process_state
+
+    if ENSEMBLE in ensemble.model_ids:
+        raise HarnessError(f"a member may not be called {ENSEMBLE!r}: that name is the ensemble's in the table")
+    out = Path(output_dir)
+    models = {ENSEMBLE: settings["routing"]}
+    if not only_ensemble:
+        models.update({mid: f"member:{mid}" for mid in ensemble.model_ids})
+    local_only = all(t in LOCAL_TASKS.values() for t in tasks.values())
+    tm = task_manager(data_dir, include_defaults=not local_only)
+    heads = heads_fingerprint(ensemble)
+    per_model: dict[str, dict[str, Any]] = {}
+    state = process_state()
+    rank = state.process_index if state is not None else 0
+    for name, routing in models.items():
+        key = _settings_key(settings, name, routing, heads if name == ENSEMBLE else "", list(ensemble.model_ids))
+        done = out / name / "results.json"
+        if done.is_file():
+            try:
+                previous = json.loads(done.read_text())
+            except ValueError:
+                previous = {}
+            if previous.get("salm_harness_key") == key:
+                print(f"salm harness: {name}: reusing {done} (same settings)", file=sys.stderr)
+                per_model[name] = previous
+                continue
+        lm = SalmLM(
+            ensemble=ensemble,
+            routing=routing,
+            batch_size=settings["batch_size"],
+            max_gen_toks=settings["max_gen_toks"],
+            weights=weights,
+        )
+        print(f"salm harness: evaluating {name} (routing {routing}) on {', '.join(tasks.values())}", file=sys.stderr)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks.values()),
+            num_fewshot=settings["num_fewshot"],
+            limit=settings["limit"],
+            task_manager=tm,
+            log_samples=True,
+            fewshot_random_seed=settings["fewshot_seed"],
+        )
+        if lm.rank == 0 and results is not None:
+            per_model[name] = _write_model_results(out / name, results, key)
+    if rank != 0:
+        return None
+    rows = comparison(per_model, tasks)
+    names = list(models)
+    summary = {"settings": dict(settings), "tasks": dict(tasks), "models": models, "comparison": rows}
+    atomic_write_json(out / "comparison.json", summary)
+    atomic_write_text(out / "comparison.md", render_comparison(rows, names, settings))
+    if plots:
+        plot_comparison(rows, names, list(ensemble.model_ids), out / "comparison.png")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        print("salm harness: error: lm-eval is not installed; pip install 'salm[harness]'", file=sys.stderr)
+        return 2
+    from salm.generation import parse_routing
+    from salm.harness.adapter import process_state
+    from salm.harness.tasks.salm_local import data_dir as resolve_data_dir
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        print("salm harness: error: --tasks is empty; e.g. --tasks gsm8k,medqa_4options,boolq", file=sys.stderr)
+        return 2
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        print(f"salm harness: error: --num_fewshot must be >= 0, got {args.num_fewshot}", file=sys.stderr)
+        return 2
+    if args.routing.startswith("member:"):
+        print("salm harness: error: --routing is the ensemble's; members are evaluated anyway", file=sys.stderr)
+        return 2
+    data_dir = resolve_data_dir({"data_dir": args.data_dir})
+    tasks = resolve_tasks(names, data_dir, args.hub)
+    if not args.weights:
+        print(
+            "=" * 78 + "\nWARNING: no --weights given: the routing heads are UNTRAINED (random).\n"
+            "The ensemble's numbers say nothing about saLM; pass --weights PATH for trained heads.\n" + "=" * 78,
+            file=sys.stderr,
+        )
+    state = process_state(args.device)
+    device = str(state.device) if state is not None else args.device
+    from salm.harness.adapter import _load_ensemble
+
+    ensemble = _load_ensemble(args.models, args.weights, args.dtype, device, args.trust_remote_code, warn=False)
+    parse_routing(args.routing, ensemble.model_ids)
+    settings = {
+        "routing": args.routing,
+        "num_fewshot": args.num_fewshot,
+        "fewshot_seed": args.fewshot_seed,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "max_gen_toks": args.max_gen_toks,
+        "weights": args.weights,
+        "data_dir": str(data_dir),
+    }
+    summary = run_harness(
+        ensemble, tasks, args.output_dir, settings, data_dir, args.only_ensemble, not args.no_plots, args.weights
+    )
+    if summary is not None:
+        print(render_comparison(summary["comparison"], list(summary["models"]), settings))
+        print(f"results in {args.output_dir} (comparison.md, comparison.json, <model>/results.json)")
+    return 0
