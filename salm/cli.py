@@ -14,6 +14,7 @@ COMMANDS = {
     "evaluate": ("salm.evaluation.runner", "evaluate the ensemble against each member"),
     "generate": ("salm.cli", "generate a routed answer, tokens coloured by member"),
     "quickstart": ("salm.quickstart.run", "the whole pipeline offline on the small embedded default"),
+    "serve": ("salm.serve", "an OpenAI-compatible server with continuous batching and a playground page"),
 }
 
 
