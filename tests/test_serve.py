@@ -48,13 +48,16 @@ class Server:
         full_env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # 2 shared cores: threads only contend
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+
+    def ready(self) -> Server:
+        """Wait until /health answers (servers start in parallel; each waits here when first used)."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                    return self
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.stop()
@@ -107,20 +110,28 @@ def reference(heads):
 
 
 @pytest.fixture(scope="module")
-def server(heads, tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("srv"), heads)
-    yield s
-    s.stop()
+def servers(heads, tmp_path_factory):
+    """Both module servers, started together (startup is mostly imports: overlapping them saves time)."""
+    env = {"SALM_TEST_STEP_DELAY": "0.03", "SALM_TEST_NO_EOS": "1", "SALM_TEST_FAIL_TEMPERATURE": str(FAIL_T)}
+    flags = ("--api_key", KEY, "--max_batch", "1", "--max_queue", "1")
+    started = {
+        "plain": Server(tmp_path_factory.mktemp("srv"), heads),
+        # one slot, one queue place, an API key, slow steps, no EOS, and a fault on one temperature
+        "restricted": Server(tmp_path_factory.mktemp("srv"), heads, *flags, env=env),
+    }
+    yield started
+    for s in started.values():
+        s.stop()
 
 
 @pytest.fixture(scope="module")
-def restricted(heads, tmp_path_factory):
-    """One slot, one queue place, an API key, slow steps, no EOS, and a fault on one temperature."""
-    env = {"SALM_TEST_STEP_DELAY": "0.03", "SALM_TEST_NO_EOS": "1", "SALM_TEST_FAIL_TEMPERATURE": str(FAIL_T)}
-    flags = ("--api_key", KEY, "--max_batch", "1", "--max_queue", "1")
-    s = Server(tmp_path_factory.mktemp("srv"), heads, *flags, env=env)
-    yield s
-    s.stop()
+def server(servers):
+    return servers["plain"].ready()
+
+
+@pytest.fixture(scope="module")
+def restricted(servers):
+    return servers["restricted"].ready()
 
 
 def _gen(reference, prompt: str, **kw):
@@ -383,7 +394,7 @@ def test_an_exception_in_one_request_fails_only_that_request(restricted):
 
 def test_sigterm_finishes_in_flight_requests_within_the_grace_period_and_exits_0(heads, tmp_path):
     env = {"SALM_TEST_STEP_DELAY": "0.05", "SALM_TEST_NO_EOS": "1"}
-    s = Server(tmp_path, heads, "--api_key", KEY, "--shutdown_grace", "6", env=env)
+    s = Server(tmp_path, heads, "--api_key", KEY, "--shutdown_grace", "6", env=env).ready()
     try:
         short_c, short = _open_stream(s, max_tokens=10)  # ~0.5 s: finishes within the grace period
         long_c, long = _open_stream(s, max_tokens=250)  # > 12 s: cancelled when the grace period ends

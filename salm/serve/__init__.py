@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from salm.serve.engine import Engine
 
     model = load_ensemble(args, args.weights)
-    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
     app = create_app(engine, model_name=args.model_name, api_key=args.api_key)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_grace, log_level="info"

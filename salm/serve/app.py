@@ -63,13 +63,25 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> tuple[str, bool]
     return "".join(parts), False
 
 
+def dispatch_to(loop: asyncio.AbstractEventLoop):
+    """An :class:`Engine` ``dispatch`` delivering a whole step's events to ``loop`` in one wake-up."""
+
+    def deliver(items) -> None:
+        for sink, event in items:
+            sink(event)
+
+    return lambda items: loop.call_soon_threadsafe(deliver, items)
+
+
 def create_app(engine: Engine, model_name: str = "salm", api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``engine`` (already started; shut down with the app)."""
+    """The FastAPI app serving ``engine``, which is started with the app (its events go to the app's event
+    loop, see :func:`dispatch_to`) and shut down with it."""
     model = engine.model
     member_names = {f"{model_name}/member:{mid}": mid for mid in model.model_ids}
     created = int(time.time())
 
     async def lifespan(_app: FastAPI):
+        engine.start(dispatch_to(asyncio.get_running_loop()))
         yield
         # uvicorn has already waited (up to its grace period) for in-flight responses; cancel what is left.
         await asyncio.to_thread(engine.shutdown, 0.0)
@@ -182,10 +194,9 @@ def create_app(engine: Engine, model_name: str = "salm", api_key: str | None = N
 
     async def _generate(request: Request, body, ids: list[int], chat: bool):
         params = _params(body, len(ids), chat)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         try:
-            handle = engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            handle = engine.submit(ids, params, queue.put_nowait)  # called on the loop thread: see dispatch
         except GenerationError as e:
             msg, code = str(e), None
             if msg.startswith("the prompt"):

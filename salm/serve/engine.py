@@ -1,12 +1,13 @@
 """Continuous batching: one decode loop shared by every in-flight request.
 
-A request is prefilled alone (exactly the first step of single-prompt :func:`salm.generation.generate`),
-then joins the running batch at the next step boundary: each member's ``DynamicCache`` is left-padded
-to a common length and concatenated along the batch dimension. A finished or cancelled request leaves
-at the next boundary (its cache rows are dropped, and columns that became padding for every row are
-trimmed). Each row keeps its own attention mask and position ids, so a request's greedy tokens are those
-it gets alone. Each row keeps its own sampling parameters, stop strings and random generator too: a
-seeded request samples exactly as ``generate(prompt, seed=...)`` does.
+Requests that arrive between two steps are prefilled together (left-padded, exactly as
+:func:`salm.generation.generate` batches prompts) and join the running batch at the next step boundary:
+each member's ``DynamicCache`` is left-padded to a common length and concatenated along the batch
+dimension. A finished or cancelled request leaves at the next boundary (its cache rows are dropped, and
+columns that became padding for every row are trimmed). Each row keeps its own attention mask and
+position ids, so a request's greedy tokens are those it gets alone (as batched and single ``generate``
+agree). Each row keeps its own sampling parameters, stop strings and random generator too: a seeded
+request samples exactly as ``generate(prompt, seed=...)`` does.
 
 The loop runs on one worker thread (torch releases the GIL); requests talk to it through a thread-safe
 ``sink`` callback, so the HTTP layer (or a plain script) never touches tensors.
@@ -126,7 +127,13 @@ class Engine:
     :class:`QueueFullError`).
     """
 
-    def __init__(self, model, max_batch: int = 16, max_queue: int = 64):
+    def __init__(
+        self,
+        model,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        dispatch: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None,
+    ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
@@ -144,9 +151,17 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for /health and tests)
+        # Events go out once per step, all together: ``dispatch(pairs of (sink, event))`` lets an event loop
+        # take a whole step's events in one wake-up (fewer thread switches fighting the decode loop for
+        # the GIL); without it every sink is called on this thread.
+        self._dispatch = dispatch
+        self._outbox: list[tuple[_Request, Event]] = []
 
     # ------------------------------------------------------------------ public API
-    def start(self) -> Engine:
+    def start(self, dispatch: Callable[[list[tuple[Callable[[Event], None], Event]]], None] | None = None) -> Engine:
+        """Start the decode loop (``dispatch``: see ``__init__``)."""
+        if dispatch is not None:
+            self._dispatch = dispatch
         self._thread = threading.Thread(target=self._run, name="salm-engine", daemon=True)
         self._thread.start()
         return self
@@ -228,8 +243,8 @@ class Engine:
                 while self._waiting and len(self._active) + len(joining) < self.max_batch:
                     joining.append(self._waiting.popleft())
             try:
-                for req in joining:
-                    self._admit(req)
+                if joining:
+                    self._admit(joining)
                 if self._active:
                     self._step()
             except Exception as e:  # noqa: BLE001 - a bug here fails the running requests, never the loop
@@ -237,8 +252,10 @@ class Engine:
                 for req in self._active + joining:
                     self._fail(req, e)
                 self._active, self._caches, self._mask, self._last = [], [], None, None
+            self._flush()
         for req in pending:
             self._finish(req, "cancelled")
+        self._flush()
         self._active, self._caches, self._mask, self._last = [], [], None, None
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, caches: list[Any]):
@@ -253,35 +270,64 @@ class Engine:
             probs = torch.softmax(model.router_logits(hidden), dim=-1)
         return torch.stack(logits, 1), probs
 
-    def _admit(self, req: _Request) -> None:
-        """Prefill ``req`` alone (its first token), then merge its caches into the running batch."""
+    def _admit(self, joining: list[_Request]) -> None:
+        """Prefill the requests that arrived since the last step together (left-padded, as ``generate``
+        batches prompts), emit their first tokens, and merge the rows that go on into the running batch."""
         from transformers import DynamicCache
 
-        if req.cancelled:
-            self._finish(req, "cancelled")
+        reqs = []
+        for req in joining:
+            if req.cancelled:
+                self._finish(req, "cancelled")
+            else:
+                reqs.append(req)
+        if not reqs:
             return
+        device = self.model.device
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, r in enumerate(reqs):
+            ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long, device=device)
+            mask[row, width - len(r.prompt_ids) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        caches = [DynamicCache(config=m.config) for m in self.model.members]
         try:
-            device = self.model.device
-            ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=device)
-            mask = torch.ones_like(ids)
-            pos = torch.arange(ids.shape[1], device=device)[None]
-            caches = [DynamicCache(config=m.config) for m in self.model.members]
             logits, probs = self._forward(ids, mask, pos, caches)
-            token, member = self._choose(req, logits[0], probs[0])
-            if self._emit(req, token, member, logits[0], probs[0]):
-                return
-        except Exception as e:  # noqa: BLE001 - fail this request, keep serving the others
-            log.exception("request %d failed during prefill", req.id)
-            self._fail(req, e)
+        except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the others
+            log.exception("prefill of %d requests failed", len(reqs))
+            for req in reqs:
+                self._fail(req, e)
             return
-        self._merge(caches, mask, token)
-        self._active.append(req)
+        keep, last = [], []
+        for row, req in enumerate(reqs):
+            try:
+                token, member = self._choose(req, logits[row], probs[row])
+                finished = self._emit(req, token, member, logits[row], probs[row])
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                log.exception("request %d failed during prefill", req.id)
+                self._fail(req, e)
+                continue
+            if not finished:
+                keep.append(row)
+                last.append(token)
+        if not keep:
+            return
+        if len(keep) < len(reqs):
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            mask = mask[idx]
+            for cache in caches:
+                for layer in _layers(cache):
+                    layer.keys = layer.keys[idx.to(layer.keys.device)]
+                    layer.values = layer.values[idx.to(layer.values.device)]
+        self._merge(caches, mask, torch.tensor(last, dtype=torch.long, device=device))
+        self._active += [reqs[row] for row in keep]
 
-    def _merge(self, caches: list[Any], mask: torch.Tensor, token: int) -> None:
-        """Join a one-row prefilled cache to the batch: left-pad both to one length, concatenate rows."""
-        last = torch.tensor([token], dtype=torch.long, device=mask.device)
+    def _merge(self, caches: list[Any], mask: torch.Tensor, last: torch.Tensor) -> None:
+        """Join prefilled rows to the batch: left-pad both to one length, concatenate rows."""
         if not self._active:
             self._caches, self._mask, self._last = caches, mask, last
+            self._trim()
             return
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(self._caches, caches):
@@ -290,6 +336,7 @@ class Engine:
                 lo.values = torch.cat([_pad_left(lo.values, width), _pad_left(ln.values, width)], 0)
         self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], 0)
         self._last = torch.cat([self._last, last])
+        self._trim()
 
     def _step(self) -> None:
         """One decode step for every active row, then drop the rows that finished."""
@@ -332,13 +379,21 @@ class Engine:
             self._caches, self._mask = [], None
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
-        mask = self._mask[idx]
-        start = int((mask.cumsum(-1) == 0).sum(-1).min())  # leading all-padding columns
-        self._mask = mask[:, start:]
+        self._mask = self._mask[idx]
         for cache in self._caches:
             for layer in _layers(cache):
-                layer.keys = layer.keys[idx.to(layer.keys.device), :, start:]
-                layer.values = layer.values[idx.to(layer.values.device), :, start:]
+                layer.keys = layer.keys[idx.to(layer.keys.device)]
+                layer.values = layer.values[idx.to(layer.values.device)]
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop leading columns that are padding in every row (they only cost attention time)."""
+        start = int((self._mask.cumsum(-1) == 0).sum(-1).min())
+        if start:
+            self._mask = self._mask[:, start:]
+            for cache in self._caches:
+                for layer in _layers(cache):
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     # ------------------------------------------------------------------ per request
     def _choose(self, req: _Request, logits: torch.Tensor, probs: torch.Tensor) -> tuple[int, int]:
@@ -368,14 +423,14 @@ class Engine:
         if p.logprobs is not None:
             lp, top = self._logprobs(req, token, member, logits, probs)
         if cut >= 0:
-            _send(req, TokenEvent(text[req.sent : cut], decision, lp, top))
+            self._send(req, TokenEvent(text[req.sent : cut], decision, lp, top))
             req.sent = cut
             self._finish(req, "stop", text[:cut])
             return True
         visible = _safe_prefix(text, p.stop)
         delta = text[req.sent : visible] if visible > req.sent else ""
         req.sent = max(req.sent, visible)
-        _send(req, TokenEvent(delta, decision, lp, top))
+        self._send(req, TokenEvent(delta, decision, lp, top))
         ctx = model.context_length
         if req.steps >= p.max_tokens:
             self._finish(req, "length", text)
@@ -409,14 +464,37 @@ class Engine:
                 cut = _stop_index(text, req.params.stop)
                 text = text[:cut] if cut >= 0 else text
         if reason != "cancelled" and len(text) > req.sent:  # flush what was held back
-            _send(req, TokenEvent(text[req.sent :], None))
+            self._send(req, TokenEvent(text[req.sent :], None))
             req.sent = len(text)
-        _send(req, FinishEvent(reason, text, len(req.prompt_ids), len(req.tokens)))
+        self._send(req, FinishEvent(reason, text, len(req.prompt_ids), len(req.tokens)))
+
+    def _send(self, req: _Request, event: Event) -> None:
+        self._outbox.append((req, event))
+
+    def _flush(self) -> None:
+        """Hand out this step's events; a sink that fails (its client is gone) cancels its request."""
+        out, self._outbox = self._outbox, []
+        if not out:
+            return
+        if self._dispatch is not None:
+            try:
+                self._dispatch([(req.sink, ev) for req, ev in out])
+            except Exception:  # noqa: BLE001 - e.g. the event loop is closed: nobody is listening any more
+                log.warning("event dispatch failed; cancelling %d requests", len(out), exc_info=True)
+                for req, _ in out:
+                    req.cancelled = True
+            return
+        for req, ev in out:
+            try:
+                req.sink(ev)
+            except Exception:  # noqa: BLE001 - the consumer's problem must not stop the loop
+                log.warning("request %d: its event sink failed; cancelling it", req.id, exc_info=True)
+                req.cancelled = True
 
     def _fail(self, req: _Request, error: BaseException) -> None:
         if not req.done:
             req.done = True
-            _send(req, ErrorEvent(f"{type(error).__name__}: {error}"))
+            self._send(req, ErrorEvent(f"{type(error).__name__}: {error}"))
 
 
 def _layers(cache: Any) -> list[Any]:
@@ -454,12 +532,3 @@ def _safe_prefix(text: str, stops: list[str]) -> int:
                 end -= k
                 break
     return end
-
-
-def _send(req: _Request, event: Event) -> None:
-    """Hand ``event`` to the request's sink; a sink that fails (its client is gone) cancels the request."""
-    try:
-        req.sink(event)
-    except Exception:  # noqa: BLE001 - the consumer's problem must not stop the loop
-        log.warning("request %d: its event sink failed; cancelling it", req.id, exc_info=True)
-        req.cancelled = True
