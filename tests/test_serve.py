@@ -457,3 +457,12 @@ def test_playground_shows_who_spoke(server, reference, tmp_path):
         shown = [float(s.split()[1].rstrip("%")) for s in shares if s.split()[0] == m]
         assert shown and abs(shown[0] - share) <= 0.5 + 1e-9
     assert all(f"{m}: " in title for m in reference.model_ids)  # routing probabilities on hover
+
+
+def test_serve_help_imports_nothing_heavy():
+    code = (
+        "import sys; from salm.cli import build_parser; build_parser(['serve', '-h']).format_help(); "
+        "print([m for m in ('torch', 'transformers', 'fastapi', 'uvicorn') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
