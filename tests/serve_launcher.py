@@ -3,7 +3,8 @@
 - ``SALM_TEST_STEP_DELAY=<s>``: sleep before every decode step (so a request stays in flight long enough
   to disconnect, fill the queue or send SIGTERM while it runs);
 - ``SALM_TEST_NO_EOS=1``: no token ends a generation early (random members may emit EOS at any step);
-- ``SALM_TEST_FAIL_TEMPERATURE=<t>``: a request with this temperature raises inside the engine.
+- ``SALM_TEST_FAIL_TEMPERATURE=<t>``: a request with this temperature raises inside the engine;
+- ``SALM_TEST_FAIL_LATE_TEMPERATURE=<t>``: the same from its third token on (after streaming began).
 
 Everything else is the real command: ``python tests/serve_launcher.py serve --weights ...``.
 """
@@ -19,6 +20,7 @@ from salm.serve import engine
 
 delay = float(os.environ.get("SALM_TEST_STEP_DELAY", "0"))
 fail_t = os.environ.get("SALM_TEST_FAIL_TEMPERATURE")
+fail_late_t = os.environ.get("SALM_TEST_FAIL_LATE_TEMPERATURE")
 _step, _choose, _init = engine.Engine._step, engine.Engine._choose, engine.Engine.__init__
 
 
@@ -30,6 +32,8 @@ def _slow_step(self):
 def _faulty_choose(self, req, logits, probs):
     if fail_t is not None and req.params.temperature == float(fail_t):
         raise RuntimeError("injected fault")
+    if fail_late_t is not None and req.params.temperature == float(fail_late_t) and req.steps >= 2:
+        raise RuntimeError("injected late fault")
     return _choose(self, req, logits, probs)
 
 

@@ -28,6 +28,7 @@ pytest.importorskip("uvicorn", reason="the serve tests need the serve extra (fas
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sekret"
 FAIL_T = 1.234  # the restricted server fails requests with this temperature (tests/serve_launcher.py)
+FAIL_LATE_T = 1.345  # ... and these from their third token on
 PROMPTS = [
     "Question: what is two plus three?\nAnswer:\n",
     "def add",
@@ -113,6 +114,7 @@ def reference(heads):
 def servers(heads, tmp_path_factory):
     """Both module servers, started together (startup is mostly imports: overlapping them saves time)."""
     env = {"SALM_TEST_STEP_DELAY": "0.03", "SALM_TEST_NO_EOS": "1", "SALM_TEST_FAIL_TEMPERATURE": str(FAIL_T)}
+    env["SALM_TEST_FAIL_LATE_TEMPERATURE"] = str(FAIL_LATE_T)
     flags = ("--api_key", KEY, "--max_batch", "1", "--max_queue", "1")
     started = {
         "plain": Server(tmp_path_factory.mktemp("srv"), heads),
@@ -315,6 +317,7 @@ def _post(url: str, body: str | dict, key: str | None = None) -> httpx.Response:
         ({"model": "salm", "prompt": "x", "routing": "member:nobody"}, 400, "routing", "unknown member 'nobody'"),
         ({"model": "gpt-4", "prompt": "x"}, 404, "model", "the model 'gpt-4' does not exist"),
         ({"model": "salm", "prompt": "a b " * 300}, 400, "prompt", "this model's context is 256 tokens"),
+        ('{"model": "salm", "prompt": "x\\ud800"}', 400, "prompt", "unpaired surrogate at position 1"),
     ],
 )
 def test_bad_requests_get_openai_errors_naming_the_field(server, body, status, param, message):
@@ -390,6 +393,17 @@ def test_an_exception_in_one_request_fails_only_that_request(restricted):
         client.completions.create(model="salm", prompt="x", max_tokens=3, temperature=FAIL_T)
     assert client.completions.create(model="salm", prompt="x", max_tokens=3, temperature=0).usage.completion_tokens == 3
     assert restricted.proc.poll() is None
+
+
+def test_an_exception_mid_stream_ends_that_stream_with_an_error_chunk(restricted):
+    client = restricted.client(KEY)
+    stream = client.completions.create(model="salm", prompt="x", max_tokens=20, temperature=FAIL_LATE_T, stream=True)
+    texts = []
+    with pytest.raises(openai.APIError, match="injected late fault"):
+        for chunk in stream:
+            texts.append(chunk.choices[0].text)
+    assert len(texts) == 2  # two tokens streamed before the fault
+    assert client.completions.create(model="salm", prompt="x", max_tokens=3, temperature=0).usage.completion_tokens == 3
 
 
 def test_sigterm_finishes_in_flight_requests_within_the_grace_period_and_exits_0(heads, tmp_path):

@@ -148,7 +148,7 @@ def create_app(engine: Engine, model_name: str = "salm", api_key: str | None = N
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
-        ids = model.tokenizer(body.prompt)["input_ids"]
+        ids = model.tokenizer(_utf8(body.prompt, "prompt"))["input_ids"]
         return await _generate(request, body, ids, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
@@ -157,7 +157,7 @@ def create_app(engine: Engine, model_name: str = "salm", api_key: str | None = N
             text, templated = render_chat(model.tokenizer, body.messages)
         except ValueError as e:
             raise APIError(400, str(e), "invalid_request_error", "messages") from e
-        ids = model.tokenizer(text, add_special_tokens=not templated)["input_ids"]
+        ids = model.tokenizer(_utf8(text, "messages"), add_special_tokens=not templated)["input_ids"]
         return await _generate(request, body, ids, chat=True)
 
     # ------------------------------------------------------------------ the bridge to the engine
@@ -261,6 +261,17 @@ def create_app(engine: Engine, model_name: str = "salm", api_key: str | None = N
             handle.cancel()
 
     return app
+
+
+def _utf8(text: str, param: str) -> str:
+    """``text`` if it is valid Unicode; JSON can carry lone surrogates (``"\\ud800"``) the tokenizer rejects."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400, f"{param} holds an unpaired surrogate at position {e.start}", "invalid_request_error", param
+        ) from None
+    return text
 
 
 async def _next_event(queue: asyncio.Queue, request: Request, poll: float = 0.25):

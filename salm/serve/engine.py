@@ -33,6 +33,7 @@ from salm.generation import (
     TokenDecision,
     _decision,
     _stop_index,
+    check_decoding,
     choose_tokens,
     parse_routing,
 )
@@ -209,14 +210,7 @@ class Engine:
     def _validate(self, prompt_ids: list[int], p: SamplingParams) -> Routing:
         if not prompt_ids:
             raise GenerationError("prompt is empty (no tokens)")
-        if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise GenerationError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
-        if p.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {p.temperature}")
-        if not 0.0 < p.top_p <= 1.0:
-            raise GenerationError(f"top_p must be in (0, 1], got {p.top_p}")
-        if p.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0 (0 = off), got {p.top_k}")
+        check_decoding(p.max_tokens, p.temperature, p.top_p, p.top_k, p.routing, p.stop, p.seed)
         ctx = self.model.context_length
         if ctx is not None and len(prompt_ids) >= ctx:
             raise GenerationError(
