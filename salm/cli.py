@@ -19,6 +19,7 @@ COMMANDS = {
         "knowledge-split benchmark: does the router pick the member that knows?",
     ),
     "harness": ("salm.harness.command", "the ensemble and each member through lm-evaluation-harness"),
+    "serve": ("salm.serve", "an OpenAI-compatible server with continuous batching and a playground page"),
 }
 
 
