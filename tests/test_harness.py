@@ -243,3 +243,20 @@ def test_options_differing_in_their_last_token_share_one_pass(tiny_ensemble, rou
     alone = lm.loglikelihood(_requests(pairs), True)
     assert [lp for lp, _ in cached] == pytest.approx([lp for lp, _ in alone], rel=1e-6, abs=1e-5)
     assert [g for _, g in cached] == [g for _, g in alone] and cached[-1][1] is True
+
+
+@pytest.mark.parametrize("router", ["confidence", "joint"])
+def test_member_routing_works_with_routers_that_read_every_members_statistics(tiny_ensemble, tiny_infos, router):
+    """A confidence/joint router needs every member's statistics; member:<id> must not consult it at all."""
+    from salm.ensemble import MultiModelWithScalarHeads
+
+    ens = MultiModelWithScalarHeads(
+        tiny_infos, members=tiny_ensemble.members, tokenizer=tiny_ensemble.tokenizer, router=router
+    ).eval()
+    seed_lm = SalmLM(ensemble=tiny_ensemble, routing="member:tiny-1", batch_size=3)
+    lm = SalmLM(ensemble=ens, routing="member:tiny-1", batch_size=3)
+    assert lm.loglikelihood(_requests(PAIRS), disable_tqdm=True) == seed_lm.loglikelihood(
+        _requests(PAIRS), disable_tqdm=True
+    )
+    routed = SalmLM(ensemble=ens, routing="mixture", batch_size=3)
+    assert len(routed.loglikelihood(_requests(PAIRS), disable_tqdm=True)) == len(PAIRS)

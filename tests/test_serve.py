@@ -93,12 +93,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def heads(tiny_infos, tmp_path_factory) -> Path:
-    """Heads saved with their member set; the server loads the members the config names."""
+    """Heads saved with their member set; the server loads the members the config names. They are of the
+    ``confidence`` router (training's default), whose input includes every member's next-token statistics."""
     from salm.ensemble import MultiModelWithScalarHeads
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("heads")
-    MultiModelWithScalarHeads(tiny_infos, device="cpu").save_pretrained(out)
+    MultiModelWithScalarHeads(tiny_infos, device="cpu", router="confidence").save_pretrained(out)
     return out
 
 

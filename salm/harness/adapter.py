@@ -425,7 +425,7 @@ def _bool(value: Any) -> bool:
 def single_member_view(ensemble: Any, k: int) -> Any:
     """The ensemble restricted to member ``k``: a shallow copy whose per-member lists (members, infos, ids, hidden
     sizes, cache kwargs, ...) keep entry ``k`` only. It shares the loaded weights and heads and stops at the same
-    EOS ids as the whole ensemble; with member routing its head is never consulted."""
+    EOS ids as the whole ensemble; its router is never consulted (router logits are 0 for its one member)."""
     import copy
 
     M = len(ensemble.model_ids)
@@ -433,6 +433,12 @@ def single_member_view(ensemble: Any, k: int) -> Any:
     for key, value in list(ensemble.__dict__.items()):
         if isinstance(value, (list, tuple)) and len(value) == M and not key.startswith("_modules"):
             view.__dict__[key] = type(value)([value[k]])
+    # The router is never consulted for member k alone, and a confidence/joint router could not be: it reads
+    # statistics of every member. The view routes everything to its one member without computing them.
+    view.__dict__["confidence_features"] = lambda logits: None
+    view.__dict__["router_logits"] = lambda hidden, stats=None: torch.zeros(
+        *hidden[0].shape[:-1], 1, device=ensemble.device
+    )
     return view
 
 

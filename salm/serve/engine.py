@@ -35,6 +35,7 @@ from salm.generation import (
     _stop_index,
     check_decoding,
     choose_tokens,
+    ensemble_step,
     parse_routing,
 )
 
@@ -253,16 +254,13 @@ class Engine:
         self._active, self._caches, self._mask, self._last = [], [], None, None
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, caches: list[Any]):
-        """Every member over the fed tokens -> (logits [B, M, V] at the last position, routing probs [B, M])."""
-        model = self.model
-        hidden, logits = [], []
-        for i in range(len(model.members)):
-            h, lg, _ = model.run_member(i, ids, mask, pos, caches[i], slice(-1, None))
-            hidden.append(h[:, -1])
-            logits.append(lg[:, -1])
-        with torch.no_grad():
-            probs = torch.softmax(model.router_logits(hidden), dim=-1)
-        return torch.stack(logits, 1), probs
+        """Every member over the fed tokens -> (logits [B, M, V] at the last position, routing probs [B, M]).
+
+        All members run whatever each row's routing: rows of different routings share the batch. The step is
+        generation's own (:func:`salm.generation.ensemble_step`), so the router sees exactly what it sees there.
+        """
+        members = tuple(range(len(self.model.members)))
+        return ensemble_step(self.model, members, True, ids, mask, pos, caches)
 
     def _admit(self, joining: list[_Request]) -> None:
         """Prefill the requests that arrived since the last step together (left-padded, as ``generate``
