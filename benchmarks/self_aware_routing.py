@@ -10,7 +10,8 @@ trained by ``salm train``'s own code on the same cached features (same members, 
   heads'), router share, and token accuracy where the members' argmax tokens disagree.
 
     python benchmarks/self_aware_routing.py --skip quickstart                       # knowledge split, ~4 min
-    python benchmarks/self_aware_routing.py --skip knowledge --quickstart_size tiny  # what is committed
+    python benchmarks/self_aware_routing.py --skip knowledge --quickstart_size tiny  # quickstart, tiny size
+    python benchmarks/self_aware_routing.py --skip knowledge --variants seed confidence  # default size
 """
 
 from __future__ import annotations
