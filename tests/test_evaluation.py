@@ -22,8 +22,8 @@ from salm.evaluation.analysis import (
 from salm.evaluation.runner import ENSEMBLE, EvalSettings, evaluate, evaluate_task, sample_examples
 from salm.evaluation.tasks import TASKS, Task, TaskRegistry, generic_task, score_auto, score_gsm8k_output
 from salm.generation import GenerationOutput, TokenDecision
+from salm.testing import fresh_heads as fresh
 from salm.testing import write_member_set
-from tests.test_ensemble import fresh
 
 
 def _cli(argv: list[str]) -> int:

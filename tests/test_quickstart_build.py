@@ -31,6 +31,12 @@ def cache(tmp_path_factory: pytest.TempPathFactory):
         yield root
 
 
+@pytest.fixture(autouse=True)
+def _module_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test here sees the module's cache (conftest gives each test a fresh one otherwise)."""
+    monkeypatch.setenv("SALM_CACHE", str(cache))
+
+
 @pytest.fixture(scope="module")
 def built(cache: Path) -> qb.QuickstartArtifacts:
     return qb.build_quickstart_members(size="tiny", progress=False)
