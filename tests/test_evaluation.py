@@ -298,7 +298,7 @@ def test_unreachable_hub_names_the_flag(tiny_infos, tmp_path, monkeypatch, capsy
         ],
     )
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2  # bad input: the same exit code as every other command's
     assert "gsm8k: the hub is unreachable; pass --data gsm8k=/path/to/gsm8k/test.jsonl" in err
     assert not (tmp_path / "out").exists()  # nothing ran, no members were loaded
 
