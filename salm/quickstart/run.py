@@ -64,7 +64,9 @@ class QuickstartSettings:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = QuickstartSettings()
     parser.add_argument("--output_dir", default=d.output_dir, help="where the report and every output go")
-    parser.add_argument("--size", choices=["default", "tiny"], default=d.size, help="tiny: a ~1 minute smoke run")
+    parser.add_argument(
+        "--size", choices=["default", "tiny"], default=d.size, help="tiny: the smoke run of CI and the tests"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the member build and head training")
     parser.add_argument(
         "--members_dir", default=None, help="build/reuse the members here instead of the cache ($SALM_CACHE)"
