@@ -1,5 +1,6 @@
 # The two commands a newcomer runs: `make quickstart` (the whole pipeline on the embedded default)
-# and `make test` (the test suite). Both install the package first.
+# and `make test` (the test suite). Both install the package first, `test` with the dev extra, which
+# holds everything the suite runs. Run them inside a virtual environment (see the README's first lines).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
@@ -9,12 +10,12 @@ install:
 	$(PIP) install -q -e ".[dev]"
 
 quickstart: install
-	salm quickstart
+	$(PYTHON) -m salm.cli quickstart
 
 test: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=10
 
 bench: install
 	$(PYTHON) benchmarks/bench_generation.py

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from salm.generation import TokenDecision
+if TYPE_CHECKING:
+    from salm.generation import TokenDecision
 
 # Matplotlib's tab10, reused by the HTML report and plots so a member has one colour everywhere.
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
@@ -17,8 +19,44 @@ def member_colour(model_ids: Sequence[str], member: str) -> str:
     return PALETTE[list(model_ids).index(member) % len(PALETTE)]
 
 
+def stream_is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def use_colour(stream: TextIO) -> bool:
-    return hasattr(stream, "isatty") and stream.isatty()
+    return stream_is_terminal(stream)
+
+
+def nested_progress(enabled: bool) -> bool:
+    """Whether a progress bar drawn *inside* another one should show: only on a terminal.
+
+    Written to a file or a pipe, every redraw of a nested bar leaves cursor-up codes (``ESC[A``) and
+    half-drawn lines in the log; there the outer bar alone tells how far the run is.
+    """
+    return enabled and stream_is_terminal(sys.stderr)
+
+
+def progress_message(message: str) -> None:
+    """A line on stderr that does not break an active progress bar (tqdm clears and redraws it)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def quiet_library_progress_bars() -> None:
+    """Switch off Hugging Face's per-file bars (downloads, "Loading weights"), e.g. when stderr is a log file."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read at import by libraries not imported yet
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def ansi(text: str, index: int, enabled: bool) -> str:

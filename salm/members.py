@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -211,16 +212,109 @@ def _is_local(path: str) -> bool:
     return Path(path).expanduser().exists() or path.startswith((".", "/", "~"))
 
 
+# ------------------------------------------------------------------------------------------ the hub, offline
+HUB_PROBE_TIMEOUT_S = 3.0
+_TRUE = {"1", "on", "yes", "true"}
+_hub_probe: dict[str, str | None] = {}  # endpoint -> None (reachable) or why not; one probe per process
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face libraries are in offline mode (``HF_HUB_OFFLINE=1``, or set by :func:`prepare_hub`)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE:
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(constants is not None and constants.HF_HUB_OFFLINE)
+
+
+def _go_offline() -> None:
+    """Offline mode for this process, also in the Hugging Face libraries already imported (they read the
+    variable once, at import): only what is in the local cache loads, and no request is ever retried."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module, attrs in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
+        mod = sys.modules.get(module)
+        for attr in attrs if mod is not None else ():
+            if hasattr(mod, attr):
+                setattr(mod, attr, True)
+
+
+def prepare_hub() -> bool:
+    """Call before the first hub access; True when working offline.
+
+    Unreachable hubs cost a minute per command otherwise: every file request is retried five times with
+    backoff, each retry logged. So one short probe (``HUB_PROBE_TIMEOUT_S``) decides, once per process:
+    if the hub cannot be reached, offline mode is switched on (cached models and datasets still load), and
+    one warning says so. ``HF_HUB_OFFLINE=1`` skips the probe.
+    """
+    if hub_offline():
+        return True
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _hub_probe:
+        _hub_probe[endpoint] = _probe(endpoint)
+        if _hub_probe[endpoint] is not None:
+            logger.warning(
+                "the Hugging Face hub (%s) cannot be reached (%s): working offline, from the local cache only "
+                "(set HF_HUB_OFFLINE=1 to skip this check)",
+                endpoint,
+                _hub_probe[endpoint],
+            )
+    if _hub_probe[endpoint] is None:
+        return False
+    _go_offline()
+    return True
+
+
+def _probe(endpoint: str) -> str | None:
+    """None if ``endpoint`` answers (any HTTP status) within the timeout, else why not."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+    except Exception as e:  # noqa: BLE001 - connection, DNS, TLS, proxy and timeout errors all mean "unreachable"
+        return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return None
+
+
+def offline_advice(info: ModelInfo) -> str:
+    """What to do when a hub member is not in the local cache and the hub cannot be reached."""
+    return (
+        f"member {info.id!r}: {info.path} is not in the local Hugging Face cache and the hub is offline or "
+        "unreachable. Use members in local folders: --models FILE, a member-set file whose paths are folders "
+        "(the quickstart's members file works: `salm quickstart` prints its path), or download the members once "
+        f"where the hub is reachable (`hf download {info.path} --local-dir DIR`, then point the file's path at DIR). "
+        "HF_HUB_OFFLINE=1 makes every command use the local cache without trying the hub."
+    )
+
+
+def _resolve_path(info: ModelInfo) -> str:
+    """The folder or hub id to load ``info`` from; a hub id first checks the hub (:func:`prepare_hub`)."""
+    if _is_local(info.path):
+        path = str(Path(info.path).expanduser())
+        if not Path(path).is_dir():
+            raise MemberError(f"member {info.id!r}: local path {info.path} is not a readable folder")
+        return path
+    prepare_hub()
+    return info.path
+
+
+def _load_error(info: ModelInfo, what: str, e: Exception) -> MemberError:
+    if not _is_local(info.path) and hub_offline() and isinstance(e, OSError):
+        return MemberError(offline_advice(info))
+    return MemberError(f"member {info.id!r}: could not load the {what} from {info.path}: {e}")
+
+
 def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = str(Path(info.path).expanduser()) if _is_local(info.path) else info.path
-    if _is_local(info.path) and not Path(path).is_dir():
-        raise MemberError(f"member {info.id!r}: local path {info.path} is not a readable folder")
+    path = _resolve_path(info)
     try:
         return AutoTokenizer.from_pretrained(path, revision=info.revision, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001
-        raise MemberError(f"member {info.id!r}: could not load the tokenizer from {info.path}: {e}") from e
+        raise _load_error(info, "tokenizer", e) from e
 
 
 def load_member_model(
@@ -232,15 +326,13 @@ def load_member_model(
     """Load one member frozen and in eval mode: no gradients ever flow into a member."""
     from transformers import AutoModelForCausalLM
 
-    path = str(Path(info.path).expanduser()) if _is_local(info.path) else info.path
-    if _is_local(info.path) and not Path(path).is_dir():
-        raise MemberError(f"member {info.id!r}: local path {info.path} is not a readable folder")
+    path = _resolve_path(info)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, revision=info.revision, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except Exception as e:  # noqa: BLE001
-        raise MemberError(f"member {info.id!r}: could not load the model from {info.path}: {e}") from e
+        raise _load_error(info, "model", e) from e
     model.to(device)
     model.eval()
     model.requires_grad_(False)

@@ -102,6 +102,22 @@ def build_tiny_members(
     return infos
 
 
+def fresh_heads(ens, seed: int = 0, **kw):
+    """A new ensemble over ``ens``'s already loaded members, with new heads of the same kind (seeded).
+
+    Cheap (no member is reloaded) and keeps tests independent of heads another test trained. ``kw``
+    overrides the heads' settings (``head_hidden_dim``, ``head_dropout``, ``head_norm``).
+    """
+    from salm.ensemble import MultiModelWithScalarHeads
+
+    torch.manual_seed(seed)
+    settings = dict(head_hidden_dim=ens.head_hidden_dim, head_dropout=ens.head_dropout, head_norm=ens.head_norm)
+    settings.update(kw)
+    return MultiModelWithScalarHeads(
+        ens.infos, device=ens.device, dtype=ens.dtype, members=ens.members, tokenizer=ens.tokenizer, **settings
+    ).eval()
+
+
 def write_member_set(path: str | Path, infos: Sequence[ModelInfo]) -> Path:
     """A member-set file (JSON) for ``infos``, as ``--models`` reads it."""
     path = Path(path)

@@ -10,14 +10,7 @@ import torch
 from salm.ensemble import WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError
 from salm.heads import ScalarProjectionHead
 from salm.members import MemberError, ModelInfo, load_member_set, select_models
-
-
-def fresh(ens: MultiModelWithScalarHeads, seed: int = 0, **kw) -> MultiModelWithScalarHeads:
-    """A new ensemble (new heads) over the already loaded members: cheap, and keeps tests independent."""
-    torch.manual_seed(seed)
-    return MultiModelWithScalarHeads(
-        ens.infos, device=ens.device, members=ens.members, tokenizer=ens.tokenizer, **kw
-    ).eval()
+from salm.testing import fresh_heads as fresh  # also imported by other test modules under this name
 
 
 def batch(ens, texts):

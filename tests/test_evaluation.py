@@ -22,8 +22,8 @@ from salm.evaluation.analysis import (
 from salm.evaluation.runner import ENSEMBLE, EvalSettings, evaluate, evaluate_task, sample_examples
 from salm.evaluation.tasks import TASKS, Task, TaskRegistry, generic_task, score_auto, score_gsm8k_output
 from salm.generation import GenerationOutput, TokenDecision
+from salm.testing import fresh_heads as fresh
 from salm.testing import write_member_set
-from tests.test_ensemble import fresh
 
 
 def _cli(argv: list[str]) -> int:
@@ -298,7 +298,7 @@ def test_unreachable_hub_names_the_flag(tiny_infos, tmp_path, monkeypatch, capsy
         ],
     )
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2  # bad input: the same exit code as every other command's
     assert "gsm8k: the hub is unreachable; pass --data gsm8k=/path/to/gsm8k/test.jsonl" in err
     assert not (tmp_path / "out").exists()  # nothing ran, no members were loaded
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from salm.generation import GenerationError, parse_routing
-from tests.test_ensemble import fresh
+from salm.testing import fresh_heads as fresh
 
 PROMPTS = [
     "Question: what is two plus three?\nAnswer:\n",

@@ -39,7 +39,10 @@ def runs(tmp_path_factory):
 
 def test_every_report_file_is_written(runs):
     root, (rc, summary), _ = runs
-    assert rc == 0
+    assert rc == (1 if not all(summary["checks"].values()) else 0)  # a failed check is exit 1
+    # The tiny members cannot add, so the arithmetic checks are listed as not applicable rather than failed.
+    assert set(summary["checks_not_applicable"]) == {"arithmetic>=math-2pts", "arithmetic>>others"}
+    assert not set(summary["checks"]) & set(summary["checks_not_applicable"])
     missing = [f for f in FILES if not (root / "out" / f).is_file()]
     assert not missing
     report = (root / "out" / "report.md").read_text()
@@ -49,6 +52,61 @@ def test_every_report_file_is_written(runs):
         assert member in html
     assert set(summary["nll"]) == {"code", "prose", "math", "mixed"}
     assert set(summary["arithmetic"]) == {"ensemble", "general", "code", "math"}
+
+
+def test_examples_page_shows_the_gold_continuation_of_free_text(runs):
+    import html as html_lib
+
+    root, (_, summary), _ = runs
+    page = (root / "out" / "examples.html").read_text()
+    data = Path(summary["members"]["root"]) / "data"
+    for domain in ("code", "prose"):
+        first = json.loads((data / f"{domain}_test.jsonl").read_text().splitlines()[0])
+        assert html_lib.escape(first["answer"].strip()[:60]) in page, domain
+    assert "gold continuation" in page and "gold: <b>None</b>" not in page
+
+
+def test_report_names_the_members_file_and_a_command_that_runs(runs, capsys):
+    import shlex
+
+    root, (_, summary), _ = runs
+    tried = summary["try"]
+    assert tried["members_file"] == summary["members"]["members_file"] == str(root / "members" / "members.yaml")
+    report = (root / "out" / "report.md").read_text()
+    assert tried["members_file"] in report and tried["command"] in report
+    argv = shlex.split(tried["command"])
+    assert argv[:2] == ["salm", "generate"] and argv[-1] == tried["question"]
+    capsys.readouterr()
+    assert main([*argv[1:-1], "--max_new_tokens", "4", "--device", "cpu", argv[-1]]) == 0
+    assert capsys.readouterr().out.strip()  # the routed answer
+
+
+def test_a_failed_check_is_exit_1(runs, monkeypatch, capsys):
+    import copy
+
+    from salm.quickstart import run as qs_run
+
+    _, (_, summary), _ = runs
+    passing = copy.deepcopy(summary)
+    passing["checks"] = dict.fromkeys(passing["checks"], True)
+    failing = copy.deepcopy(passing)
+    failing["checks"]["nll_mixed<every_member"] = False
+    argv = ["quickstart", "--size", "tiny", "--output_dir", "unused"]
+    monkeypatch.setattr(qs_run, "run_quickstart", lambda settings: passing)
+    assert main(argv) == 0
+    monkeypatch.setattr(qs_run, "run_quickstart", lambda settings: failing)
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "FAIL  nll_mixed<every_member" in captured.out
+    assert captured.err.strip().endswith("salm quickstart: checks not met: nll_mixed<every_member")
+
+
+def test_table_explains_a_negative_captured_share(runs):
+    from salm.quickstart.run import CAPTURED_NOTE, format_table
+
+    _, (_, summary), _ = runs
+    assert CAPTURED_NOTE in format_table(summary)
+    assert "below 0 the ensemble is behind the best member" in CAPTURED_NOTE
 
 
 def test_routing_prefers_the_right_specialist_beyond_chance(runs):
@@ -77,6 +135,7 @@ def test_the_built_members_work_with_every_command(runs, capsys):
     summary = json.loads((root / "out" / "quickstart_summary.json").read_text())
     members = summary["members"]["members_file"]
     heads = str(root / "out" / "training" / "best_model")
+    capsys.readouterr()
     rc = main(["generate", "--models", members, "--weights", heads, "--max_new_tokens", "8", "--temperature", "0",
                "--device", "cpu", "What is 2 + 3?"])  # fmt: skip
     assert rc == 0

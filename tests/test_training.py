@@ -17,6 +17,7 @@ from salm import features, training
 from salm.data import DataFormatError, Example
 from salm.ensemble import MultiModelWithScalarHeads
 from salm.features import FeatureCacheError, TokenizationError, load_or_build, tokenize_examples
+from salm.testing import fresh_heads as fresh
 from salm.training import TrainConfig, TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,12 +74,6 @@ def setup(tmp_path_factory, tiny_tokenizer):
     lm.save_pretrained(infos[0].path)
     ens = MultiModelWithScalarHeads(infos, head_hidden_dim=HEAD_DIM, device="cpu")
     return types.SimpleNamespace(root=root, files=files, infos=infos, ens=ens, tok=tiny_tokenizer)
-
-
-def fresh(setup) -> MultiModelWithScalarHeads:
-    """New heads over the already loaded members."""
-    e = setup.ens
-    return MultiModelWithScalarHeads(e.infos, HEAD_DIM, device="cpu", members=e.members, tokenizer=e.tokenizer)
 
 
 def config(setup, out: Path, **kw) -> TrainConfig:
@@ -140,14 +135,14 @@ def test_long_prompts_keep_bos_and_empty_is_an_error(tiny_tokenizer):
 
 
 def test_unusable_data_is_a_clear_error(setup, tmp_path, capsys):
-    result = train(config(setup, tmp_path / "short", max_length=8), model=fresh(setup))  # truncated, not dropped
+    result = train(config(setup, tmp_path / "short", max_length=8), model=fresh(setup.ens))  # truncated, not dropped
     tokenized = result.report["data"]["tokenized"]["train"]
     assert tokenized["examples"] == 18 and sum(tokenized["prompts_truncated"].values()) == 18
     assert "prompts lost their start to fit max_length=8 (answers kept whole)" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(DataFormatError, match="no rows"):
-        train(config(setup, tmp_path, datasets=[str(empty)]), model=fresh(setup))
+        train(config(setup, tmp_path, datasets=[str(empty)]), model=fresh(setup.ens))
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -208,8 +203,8 @@ def test_short_disk_fails_naming_folder_and_bytes(setup, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- training
 def test_cache_and_no_cache_give_the_same_losses(setup, tmp_path):
-    a = train(config(setup, tmp_path / "cache"), model=fresh(setup))
-    b = train(config(setup, tmp_path / "live", feature_cache=False), model=fresh(setup))
+    a = train(config(setup, tmp_path / "cache"), model=fresh(setup.ens))
+    b = train(config(setup, tmp_path / "live", feature_cache=False), model=fresh(setup.ens))
     ra, rb = records(tmp_path / "cache"), records(tmp_path / "live")
     assert [r["step"] for r in ra] == [r["step"] for r in rb] and len(ra) > 4
     for x, y in zip(ra, rb):
@@ -221,14 +216,14 @@ def test_cache_and_no_cache_give_the_same_losses(setup, tmp_path):
 
 
 def test_resume_ends_with_the_same_heads(setup, tmp_path, monkeypatch):
-    full = train(config(setup, tmp_path / "full", num_epochs=3), model=fresh(setup))
+    full = train(config(setup, tmp_path / "full", num_epochs=3), model=fresh(setup.ens))
     want = heads(full.model)
 
     # Stopped after epoch 1 (as a kill would), then resumed to 3.
     out = tmp_path / "stopped"
-    train(config(setup, out, num_epochs=3), model=fresh(setup), stop_after_epoch=1)
+    train(config(setup, out, num_epochs=3), model=fresh(setup.ens), stop_after_epoch=1)
     assert not (out / "final_model").exists()
-    res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup))
+    res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup.ens))
     assert all(torch.equal(v, want[k]) for k, v in res.model.state_dict().items())
     assert records(out) == records(tmp_path / "full")
 
@@ -244,25 +239,25 @@ def test_resume_ends_with_the_same_heads(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "perfect_alignment_loss", boom)
     with pytest.raises(RuntimeError, match="killed"):
-        train(config(setup, out, num_epochs=3), model=fresh(setup))
+        train(config(setup, out, num_epochs=3), model=fresh(setup.ens))
     monkeypatch.setattr(training, "perfect_alignment_loss", real)
     ck = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert ck["epoch"] == 1 and max(r["step"] for r in records(out)) > ck["global_step"]
-    res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup))
+    res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup.ens))
     assert all(torch.equal(v, want[k]) for k, v in res.model.state_dict().items())
     steps = [(r["step"], "val/nll" in r) for r in records(out)]
     assert len(steps) == len(set(steps)) and records(out) == records(tmp_path / "full")
 
 
 def test_resume_refuses_changed_settings(setup, tmp_path):
-    train(config(setup, tmp_path, num_epochs=2), model=fresh(setup), stop_after_epoch=1)
+    train(config(setup, tmp_path, num_epochs=2), model=fresh(setup.ens), stop_after_epoch=1)
     with pytest.raises(TrainingError, match="learning_rate"):
-        train(config(setup, tmp_path, num_epochs=2, learning_rate=5e-3, resume=True), model=fresh(setup))
+        train(config(setup, tmp_path, num_epochs=2, learning_rate=5e-3, resume=True), model=fresh(setup.ens))
 
 
 def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     res = train(
-        config(setup, tmp_path, num_epochs=4, learning_rate=3e-3, warmup_steps=0, plots=True), model=fresh(setup)
+        config(setup, tmp_path, num_epochs=4, learning_rate=3e-3, warmup_steps=0, plots=True), model=fresh(setup.ens)
     )
     assert res.best_val_nll < res.initial_val_nll - 0.3
     report = json.loads((tmp_path / "train_report.json").read_text())
@@ -312,7 +307,7 @@ def test_wandb_gets_the_seed_metric_names(setup, tmp_path, monkeypatch):
         finish=lambda: None,
     )
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    train(config(setup, tmp_path, num_epochs=1, report_to="wandb"), model=fresh(setup))
+    train(config(setup, tmp_path, num_epochs=1, report_to="wandb"), model=fresh(setup.ens))
     keys = set().union(*(d for _, d in logged))
     for k in ("train/loss", "train/perplexity", "train/learning_rate", "train/nll", "train/entropy",
               "train/model_activation_percent/tiny-0", "train/model_prob_mean/tiny-2", "val/loss", "val/perplexity",
@@ -323,11 +318,11 @@ def test_wandb_gets_the_seed_metric_names(setup, tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(TrainingError, match="pip install wandb"):
-        train(config(setup, tmp_path / "x", report_to="wandb"), model=fresh(setup))
+        train(config(setup, tmp_path / "x", report_to="wandb"), model=fresh(setup.ens))
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(TrainingError, match="pip install tensorboard"):
-        train(config(setup, tmp_path / "y", report_to="tensorboard"), model=fresh(setup))
+        train(config(setup, tmp_path / "y", report_to="tensorboard"), model=fresh(setup.ens))
 
 
 def test_tensorboard_gets_the_same_scalars(setup, tmp_path):
@@ -335,7 +330,7 @@ def test_tensorboard_gets_the_same_scalars(setup, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "tb"
-    train(config(setup, out, num_epochs=1, report_to="tensorboard"), model=fresh(setup))
+    train(config(setup, out, num_epochs=1, report_to="tensorboard"), model=fresh(setup.ens))
     events = [p for p in out.rglob("events.out.tfevents.*")]
     assert events, "no event file written"
     acc = EventAccumulator(str(events[0].parent))
@@ -391,25 +386,29 @@ def test_two_processes_shard_extraction_and_train_with_ddp(setup, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "src/train.py",
            "--datasets", *setup.files, "--models", str(members), "--output_dir", str(out), "--num_epochs", "1",
-           "--batch_size", "2", "--val_fraction", "0.25", "--device", "cpu", "--no_plots"]  # fmt: skip
+           "--batch_size", "2", "--val_fraction", "0.25", "--device", "cpu", "--no_plots",
+           "--feature_cache_dir", str(tmp_path / "ddp_cache")]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "train_report.json").read_text())
     assert report["steps"]["processes"] == 2 and report["steps"]["per_epoch"] == 5  # ceil(18 / (2 * 2))
-    train(config(setup, tmp_path / "one", num_epochs=1, batch_size=2), model=fresh(setup))
-    (ddp_cache,) = (out / "feature_cache").glob("train-*")
-    one_cache = tmp_path / "one" / "feature_cache" / ddp_cache.name
+    one = config(setup, tmp_path / "one", num_epochs=1, batch_size=2, feature_cache_dir=str(tmp_path / "one_cache"))
+    train(one, model=fresh(setup.ens))
+    (ddp_cache,) = (tmp_path / "ddp_cache").glob("train-*")
+    one_cache = tmp_path / "one_cache" / ddp_cache.name
     for f in ("gold.bin", "hidden_0.bin", "hidden_2.bin", "offsets.bin"):
         assert (ddp_cache / f).read_bytes() == (one_cache / f).read_bytes(), f
 
 
 def test_wandb_offline_run_for_real(setup, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is an optional extra (pip install salm[wandb])")
+    pytest.importorskip(
+        "wandb", reason="wandb is an optional extra, installed by the dev extra (pip install -e '.[dev]')"
+    )
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    train(config(setup, out, num_epochs=1, report_to="wandb"), model=fresh(setup))
+    train(config(setup, out, num_epochs=1, report_to="wandb"), model=fresh(setup.ens))
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))

@@ -311,6 +311,9 @@ def _load_hub(source: str, resolved: ResolvedSource, split: str | None, data_dir
         import datasets
     except ImportError as err:  # pragma: no cover - datasets is a dependency
         raise DatasetUnavailableError(f"cannot load {source!r}: the 'datasets' package is missing") from err
+    from salm.members import prepare_hub
+
+    prepare_hub()  # an unreachable hub: offline at once (cached copies still load), not a minute of retries
     try:
         return datasets.load_dataset(resolved.hub_id, resolved.config, split=split)
     except OSError as err:  # ConnectionError offline; hub and datasets "not found" errors are OSErrors too

@@ -60,15 +60,23 @@ def write_plots(summary: Mapping[str, Any], out_dir: str | Path) -> dict[str, st
                 lo.append(e["accuracy"] - e["ci_low"])
                 hi.append(e["ci_high"] - e["accuracy"])
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=name, color=_colour(name, members))
+        # Chance above 0 is a dashed line over the dataset's bars (drawn above them, so bars cannot hide it);
+        # chance 0 (free-form answers) would sit on the axis unseen, so it is written under the name instead.
+        chance_drawn = False
         for i, d in enumerate(acc_sets):
             base = datasets[d].get("random_baseline")
             if base:
-                ax.hlines(base, i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1)
-        ax.set_xticks(
-            range(len(acc_sets)), [f"{d}\n({datasets[d]['models'][models[0]].get('primary', '')})" for d in acc_sets]
-        )
+                ax.hlines(base, i - 0.45, i + 0.45, colors="k", linestyles="dashed", linewidth=1.5, zorder=5,
+                          label=None if chance_drawn else "chance")  # fmt: skip
+                chance_drawn = True
+        labels = []
+        for d in acc_sets:
+            base = datasets[d].get("random_baseline")
+            label = f"{d}\n({datasets[d]['models'][models[0]].get('primary', '')})"
+            labels.append(label + ("\nchance 0" if base == 0 else ""))
+        ax.set_xticks(range(len(acc_sets)), labels)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("accuracy (95% Wilson CI; dashed: chance)")
+        ax.set_ylabel("accuracy (95% Wilson CI)" + ("; dashed: chance" if chance_drawn else ""))
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title("Accuracy per model")
         _save(fig, out / "accuracy.png")
@@ -129,12 +137,13 @@ def _visible(text: str) -> str:
 
 
 def example_item(dataset: str, example: Any, score: Mapping[str, Any], decisions: Sequence[Any]) -> dict[str, Any]:
-    """One entry of the examples page: the example, its score (empty when free text is not scored) and the
-    generated tokens' decisions."""
+    """One entry of the examples page: the example, its score (empty when free text is not scored), the gold
+    continuation (what the model should have written) and the generated tokens' decisions."""
     return {
         "dataset": dataset,
         "id": example.id,
         "question": example.question,
+        "reference": example.answer,
         "gold": score.get("gold"),
         "answer": score.get("answer"),
         "correct": score.get("correct"),
@@ -146,7 +155,9 @@ def write_examples_html(items: Sequence[Mapping[str, Any]], model_ids: Sequence[
     """One page: each generated token on a background of its member's colour, routing probabilities on hover.
 
     ``items`` hold ``dataset, id, question, gold, answer, correct`` and ``tokens`` as
-    (text, member, {member: probability}) triples. Every piece of model or dataset text is escaped.
+    (text, member, {member: probability}) triples, and optionally ``reference`` (the gold continuation,
+    shown for every item: for free text such as code or prose it is the only thing to compare against).
+    Every piece of model or dataset text is escaped.
     """
     e = _visible
     legend = " ".join(
@@ -180,10 +191,20 @@ def write_examples_html(items: Sequence[Mapping[str, Any]], model_ids: Sequence[
         parts += [
             f"<h2>{e(str(it['dataset']))} &middot; {e(str(it['id']))}</h2>",
             f"<details><summary>question</summary><pre>{e(str(it['question']))}</pre></details>",
-            f"<p>gold: <b>{e(str(it.get('gold')))}</b> &middot; extracted: <b>{e(str(it.get('answer')))}</b>"
-            f" &middot; {verdict}</p>",
-            f'<div class="gen">{"".join(spans) or "<i>(empty output)</i>"}</div>',
         ]
+        if it.get("correct") is None:  # free text: the gold continuation, open, to read beside the output
+            if it.get("reference") is not None:
+                parts.append(f"<details open><summary>gold continuation</summary><pre>{e(str(it['reference']))}</pre>")
+                parts.append("</details>")
+            parts.append(f"<p>{verdict} (free text)</p>")
+        else:
+            if it.get("reference") is not None:
+                parts.append(f"<details><summary>gold answer</summary><pre>{e(str(it['reference']))}</pre></details>")
+            parts.append(
+                f"<p>gold: <b>{e(str(it.get('gold')))}</b> &middot; extracted: <b>{e(str(it.get('answer')))}</b>"
+                f" &middot; {verdict}</p>"
+            )
+        parts.append(f'<div class="gen">{"".join(spans) or "<i>(empty output)</i>"}</div>')
     parts.append("</body></html>\n")
     return atomic_write_text(path, "\n".join(parts))
 

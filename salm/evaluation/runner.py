@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from salm.data import DATASETS, DataFormatError, DatasetUnavailableError, Example, load_examples
+from salm.display import nested_progress, progress_message
 from salm.evaluation import reports
 from salm.evaluation.analysis import (
     decision_patterns,
@@ -359,7 +360,7 @@ def _generate_or_reuse(
             if len(outputs) == len(prompts):
                 logger.info("%s: reusing %s's generations from %s", task.name, name, path)
                 if settings.progress:
-                    print(f"{task.name}: reusing {name}'s finished generations ({path})", file=sys.stderr)
+                    progress_message(f"{task.name}: reusing {name}'s finished generations ({path})")
                 return outputs
     logger.info("%s: generating with %s (%d prompts)", task.name, name, len(prompts))
     outputs = model.generate(
@@ -374,7 +375,7 @@ def _generate_or_reuse(
         batch_size=settings.batch_size,
         truncate="left",
         return_outputs=True,
-        progress=settings.progress,
+        progress=nested_progress(settings.progress),  # inside the datasets bar: only on a terminal
         compile=settings.compile,
     )
     atomic_write_jsonl(path, (o.to_dict() for o in outputs))
@@ -451,7 +452,7 @@ def _run_loglik(
         if not pairs:
             continue
         scores = score_continuations(
-            model, pairs, settings.batch_size, settings.progress, f"{task.name} loglik/{variant}"
+            model, pairs, settings.batch_size, nested_progress(settings.progress), f"{task.name} loglik/{variant}"
         )
         for name in names:
             ll = scores.mixture if name == ENSEMBLE else scores.member[:, model.model_ids.index(name)]
@@ -561,7 +562,7 @@ def evaluate_task(
             settings.batch_size,
             prompt=task.prompt,
             target=task.target,
-            progress=settings.progress,
+            progress=nested_progress(settings.progress),
             desc=f"{task.name} teacher forcing",
         )
 
@@ -817,7 +818,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"salm evaluate: skipping {message}", file=sys.stderr)
     if not runs:
         print("salm evaluate: error: no dataset could be loaded; nothing was evaluated", file=sys.stderr)
-        return 1
+        return 2  # bad input, like every other command's (see salm.cli's exit codes)
     if not args.model_weights:
         print(
             "=" * 78 + "\nWARNING: no --model_weights given: the routing heads are UNTRAINED (random).\n"

@@ -1,0 +1,139 @@
+"""The command line as a new user meets it: help with defaults, exit codes, an unreachable hub, clean logs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from salm import members
+from salm.cli import EXIT_BAD_INPUT, build_parser, main
+from salm.testing import write_member_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        build_parser([command, "--help"]).parse_args([command, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+@pytest.mark.parametrize(
+    "command, shown",
+    [
+        ("generate", ["--temperature TEMPERATURE default: 0.7", "--top_k TOP_K default: 0", "(default: argmax)"]),
+        ("evaluate", ["--temperature TEMPERATURE 0 = greedy (for every model) (default: 0.3)", "(default: 50)"]),
+        ("train", ["--learning_rate LEARNING_RATE default: 0.0001", "--seed SEED default: 42"]),
+        ("quickstart", ["(default: salm_quickstart)", "--learning_rate LEARNING_RATE default: 0.003"]),
+    ],
+)
+def test_every_command_help_shows_its_defaults(command, shown, capsys):
+    text = _help(command, capsys)
+    for s in shown:
+        assert s in text, s
+
+
+def test_no_dataset_is_bad_input_like_every_other_error(tiny_infos, tmp_path, capsys):
+    members_file = write_member_set(tmp_path / "members.json", tiny_infos)
+    missing = tmp_path / "missing.jsonl"
+    rc = main(["evaluate", "--models", str(members_file), "--datasets", "x", "--data", f"x={missing}"])
+    assert rc == EXIT_BAD_INPUT == 2
+    err = capsys.readouterr().err
+    assert f"x: could not read {missing}" in err
+    assert err.strip().endswith("salm evaluate: error: no dataset could be loaded; nothing was evaluated")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Hub access switched on (the suite runs offline) but pointed at a closed local port: a connection is
+    refused at once, as on a machine without network, and offline mode is back after the test."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    import datasets.config
+
+    for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, attr, False)
+    monkeypatch.setattr(members, "_hub_probe", {})
+    return constants.ENDPOINT
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_unreachable_hub_fails_at_once_with_what_to_do(command, unreachable_hub, tmp_path, capfd, caplog):
+    """The default members, no network: one warning, then an error naming the ways out, without retries."""
+    data = tmp_path / "arith.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 plus 3?", "answer": "Therefore, the answer is: 5"}) + "\n")
+    argv = ["generate", "hi"] if command == "generate" else ["evaluate", "--datasets", "a", "--data", f"a={data}"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capfd.readouterr().err
+    warned = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(warned) == 1 and unreachable_hub in warned[0]
+    assert "Retrying" not in err + caplog.text
+    error = [line for line in err.splitlines() if line.startswith(f"salm {command}: error:")]
+    assert len(error) == 1
+    assert "member 'qwen-25-15b': Qwen/Qwen2.5-1.5B is not in the local Hugging Face cache" in error[0]
+    for way_out in ("--models FILE", "salm quickstart", "hf download Qwen/Qwen2.5-1.5B", "HF_HUB_OFFLINE=1"):
+        assert way_out in error[0], way_out
+    assert members.hub_offline()  # the rest of the process works from the cache, without more probes
+
+
+def test_unreachable_hub_is_probed_once_per_process(unreachable_hub, monkeypatch):
+    calls = []
+    real = members._probe
+    monkeypatch.setattr(members, "_probe", lambda endpoint: calls.append(endpoint) or real(endpoint))
+    assert members.prepare_hub() is True
+    assert members.prepare_hub() is True
+    assert calls == [unreachable_hub]
+
+
+def test_library_warnings_are_printed_once():
+    """huggingface_hub and datasets log through their own handlers; the root handler must not repeat them."""
+    code = (
+        "import logging, huggingface_hub, datasets; from salm.cli import setup_logging; setup_logging(); "
+        "logging.getLogger('huggingface_hub.utils._http').warning('hub-warning'); "
+        "logging.getLogger('datasets.load').warning('datasets-warning'); "
+        "logging.getLogger('salm.members').warning('salm-warning')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    for message in ("hub-warning", "datasets-warning", "salm-warning"):
+        assert out.stderr.count(message) == 1, out.stderr
+
+
+def test_evaluation_log_to_a_file_has_no_nested_bars(tiny_infos, tmp_path, capfd):
+    """stderr captured (not a terminal): the datasets bar stays, the bars nested inside it do not."""
+    data = tmp_path / "arith.jsonl"
+    rows = [{"question": f"What is {i} plus 1?", "answer": f"Therefore, the answer is: {i + 1}"} for i in range(2)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["evaluate", "--models", str(write_member_set(tmp_path / "m.json", tiny_infos)), "--datasets", "a",
+            "--data", f"a={data}", "--max_new_tokens", "3", "--no_plots", "--device", "cpu",
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert "datasets: 100%" in err
+    assert "\x1b[A" not in err and "generating" not in err and "teacher forcing" not in err
+
+
+def test_nested_bars_show_on_a_terminal(monkeypatch):
+    from salm.display import nested_progress
+
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    assert nested_progress(True) is False  # pytest captures stderr: not a terminal
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert nested_progress(True) is True and nested_progress(False) is False
