@@ -452,34 +452,32 @@ def generate(
 
         bar = tqdm(total=len(prompts), desc="generating", unit="prompt")
     # Route with eval-mode heads without model.eval()/train(): those flags are shared with other threads.
-    eval_heads = heads_in_eval_mode()
-    eval_heads.__enter__()
-    try:
-        for rows in batches:
-            outs = _generate_batch(
-                model,
-                [encoded[i] for i in rows],
-                max_new_tokens,
-                rt,
-                temperature,
-                top_k,
-                top_p,
-                generator,
-                use_cache,
-                stops,
-                streamer,
-                rows,
-                cache_implementation,
-                compile,
-            )
-            for i, o in zip(rows, outs):
-                results[i] = o
+    with heads_in_eval_mode():
+        try:
+            for rows in batches:
+                outs = _generate_batch(
+                    model,
+                    [encoded[i] for i in rows],
+                    max_new_tokens,
+                    rt,
+                    temperature,
+                    top_k,
+                    top_p,
+                    generator,
+                    use_cache,
+                    stops,
+                    streamer,
+                    rows,
+                    cache_implementation,
+                    compile,
+                )
+                for i, o in zip(rows, outs):
+                    results[i] = o
+                if bar is not None:
+                    bar.update(len(rows))
+        finally:
             if bar is not None:
-                bar.update(len(rows))
-    finally:
-        if bar is not None:
-            bar.close()
-        eval_heads.__exit__(None, None, None)
+                bar.close()
     if return_outputs:
         final: list[Any] = results
     elif return_decisions:

@@ -283,7 +283,7 @@ def test_router_variants_and_disagreement_weight_train(setup, tmp_path, router):
         config(
             setup, tmp_path, num_epochs=3, learning_rate=3e-3, warmup_steps=0, router=router, disagreement_weight=3.0
         ),
-        model=fresh(setup),
+        model=fresh(setup.ens),
     )
     assert res.model.router == router and res.best_val_nll < res.initial_val_nll - 0.3
     loaded = MultiModelWithScalarHeads.from_pretrained(tmp_path / "best_model", base_models=setup.infos, device="cpu")
@@ -295,7 +295,7 @@ def test_router_variants_and_disagreement_weight_train(setup, tmp_path, router):
     with pytest.raises(TrainingError, match="router"):
         train(
             config(setup, tmp_path, num_epochs=3, resume=True, router="seed", disagreement_weight=3.0),
-            model=fresh(setup),
+            model=fresh(setup.ens),
         )
 
 
