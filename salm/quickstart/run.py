@@ -53,6 +53,7 @@ class QuickstartSettings:
     warmup_steps: int = 20
     entropy_weight: float = 0.0
     loss_on: str = "answer"
+    router: str | None = None  # None: salm train's default router (TrainConfig.router)
     routing: str = "argmax"
     arithmetic_problems: int | None = None  # None: the whole math test split
     max_new_tokens: int = 64
@@ -78,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
     g.add_argument("--entropy_weight", type=float, default=d.entropy_weight)
     g.add_argument("--loss_on", choices=["answer", "all"], default=d.loss_on)
+    from salm.heads import ROUTERS
+
+    g.add_argument("--router", choices=list(ROUTERS), default=None, help="default: salm train's default router")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--routing", default=d.routing, help="argmax | mixture | threshold:<p>")
     g.add_argument("--arithmetic_problems", type=int, default=None, help="default: the whole math test split")
@@ -169,6 +173,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
         loss_on=s.loss_on,
         plots=s.plots,
         progress=s.progress,
+        **({"router": s.router} if s.router else {}),
     )
     say(f"training the routing heads ({len(data.train)} train / {len(data.val)} validation examples)", s.progress)
     result = train(cfg, data=data)
@@ -315,6 +320,7 @@ def _summarize(art: Any, result: Any, ev: dict[str, Any], gen: dict[str, Any], s
         },
         "training": {
             "output_dir": str(result.output_dir),
+            "router": result.model.router,
             "best_epoch": result.best_epoch,
             "best_val_nll": result.best_val_nll,
             "initial_val_nll": result.initial_val_nll,
@@ -401,7 +407,8 @@ def render_report(summary: dict[str, Any]) -> str:
         + ". `general` was trained on the mix of code, prose and arithmetic; `code` and `math` are copies of it"
         " trained further on one domain.",
         "",
-        f"Heads: {s['num_epochs']} epochs, batch {s['batch_size']}, learning rate {s['learning_rate']}, "
+        f"Heads: the `{tr.get('router', 'seed')}` router, {s['num_epochs']} epochs, batch {s['batch_size']}, "
+        f"learning rate {s['learning_rate']}, "
         f"entropy weight {s['entropy_weight']}, loss on {s['loss_on']} tokens; best validation NLL "
         f"{tr['best_val_nll']:.4f} at epoch {tr['best_epoch']} (untrained heads: {tr['initial_val_nll']:.4f}).",
         "",
