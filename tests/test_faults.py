@@ -34,12 +34,7 @@ ROWS = [
 ]  # 12 distinct rows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_jsonl(path: Path, rows) -> Path:

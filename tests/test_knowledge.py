@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from salm.quickstart.knowledge import (
     ATTRIBUTES,
@@ -17,13 +16,7 @@ from salm.quickstart.knowledge import (
     run_knowledge,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_facts_are_disjoint_and_deterministic():

@@ -293,14 +293,8 @@ class Engine:
             return
         keep, last = [], []
         for row, req in enumerate(reqs):
-            try:
-                token, member = self._choose(req, logits[row], probs[row])
-                finished = self._emit(req, token, member, logits[row], probs[row])
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                log.exception("request %d failed during prefill", req.id)
-                self._fail(req, e)
-                continue
-            if not finished:
+            token = self._advance(req, logits[row], probs[row], "during prefill")
+            if token is not None:
                 keep.append(row)
                 last.append(token)
         if not keep:
@@ -349,14 +343,8 @@ class Engine:
             if req.cancelled:
                 self._finish(req, "cancelled")
                 continue
-            try:
-                token, member = self._choose(req, logits[r], probs[r])
-                finished = self._emit(req, token, member, logits[r], probs[r])
-            except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
-                log.exception("request %d failed", req.id)
-                self._fail(req, e)
-                continue
-            if not finished:
+            token = self._advance(req, logits[r], probs[r], "while decoding")
+            if token is not None:
                 keep.append(r)
                 last.append(token)
         if len(keep) < len(self._active):
@@ -388,6 +376,18 @@ class Engine:
                     layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
     # ------------------------------------------------------------------ per request
+    def _advance(self, req: _Request, logits: torch.Tensor, probs: torch.Tensor, when: str) -> int | None:
+        """Choose and emit this row's next token: the token when the request goes on, None when it finished
+        or failed (an exception fails this request only, never the batch)."""
+        try:
+            token, member = self._choose(req, logits, probs)
+            finished = self._emit(req, token, member, logits, probs)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            log.exception("request %d failed %s", req.id, when)
+            self._fail(req, e)
+            return None
+        return None if finished else token
+
     def _choose(self, req: _Request, logits: torch.Tensor, probs: torch.Tensor) -> tuple[int, int]:
         """This row's (next token, emitting member), exactly as single-prompt generate() chooses them
         (same inputs, same generator draws)."""
