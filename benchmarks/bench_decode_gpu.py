@@ -81,7 +81,13 @@ def extrapolate(step: dict[str, float], prefill: dict[str, float], n: int, bs: i
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import salm.fast_decode as fast_decode
 
-    fast_decode.CACHE_LEN_BUCKET = args.cache_len
+    bucket = args.cache_len  # one static cache length for every GSM8K-length sequence: one graph per batch size
+
+    def one_bucket(needed: int, context: int | None) -> int:
+        length = -(-needed // bucket) * bucket
+        return max(needed, min(length, context)) if context else length
+
+    fast_decode.cache_length = one_bucket
     t_start = time.perf_counter()
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -115,7 +116,7 @@ def test_captured_step_equals_dynamic(tiny_ensemble, monkeypatch, routing):
     _same(_outs(ens, PROMPTS, max_new_tokens=8, routing=routing, compile=True), dynamic)
     _same(_outs(ens, PROMPTS[:1], max_new_tokens=8, routing=routing, compile=True), dynamic[:1])
     report = fast_decode.warmup_report(ens)
-    assert [(w.batch, w.cache_len) for w in report] == [(4, 256), (1, 256)]
+    assert [(w.batch, w.cache_len) for w in report] == [(4, 64), (1, 64)]  # prompts + 8 tokens fit 64 slots
 
 
 def test_compile_failure_falls_back_with_a_message(tiny_ensemble, monkeypatch, caplog):
@@ -178,7 +179,7 @@ def test_compile_flag_of_generate_and_evaluate(tiny_infos, tmp_path, monkeypatch
         captured = capsys.readouterr()
         answers.append(captured.out)
     assert answers[0] == answers[1] and answers[0].strip()
-    assert "compiled the decode step of tiny-0, tiny-1, tiny-2 (batch 1, cache 256) in" in captured.err
+    assert "compiled the decode step of tiny-0, tiny-1, tiny-2 (batch 1, cache 32) in" in captured.err
 
     data = tmp_path / "arith.jsonl"
     data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in _math_examples(3)))
@@ -194,7 +195,14 @@ def test_compile_flag_of_generate_and_evaluate(tiny_infos, tmp_path, monkeypatch
         rows = (out / "arith" / "predictions.jsonl").read_text().splitlines()
         outputs.append(sorted((r["model"], r["output"]) for r in map(json.loads, rows)))
     assert outputs[0] == outputs[1] and len(outputs[0]) == 3
-    assert "(batch 4, cache 256)" in capsys.readouterr().err  # 3 prompts run in the batch-4 bucket
+    assert re.search(r"\(batch 4, cache (32|64)\)", capsys.readouterr().err)  # 3 prompts in the batch-4 bucket
+
+
+def test_cache_lengths_are_few_and_close_to_what_is_needed():
+    """Powers of two from 32 to 256, then multiples of 256; never beyond the context, never below the need."""
+    lengths = [fast_decode.cache_length(n, None) for n in (1, 25, 32, 33, 200, 256, 257, 600, 1025)]
+    assert lengths == [32, 32, 32, 64, 256, 256, 512, 768, 1280]
+    assert fast_decode.cache_length(600, 700) == 700 and fast_decode.cache_length(5, 16) == 16
 
 
 def test_finished_rows_leave_the_compiled_batch(tiny_ensemble, monkeypatch):
