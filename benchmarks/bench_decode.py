@@ -120,26 +120,10 @@ def measure(args: argparse.Namespace, device: str, dtype: torch.dtype, arch: str
         times[bs] = {k: [] for k in jobs[bs]}
     reps = {bs: args.repeats if bs == 1 else args.batched_repeats for bs in args.batch_sizes}
     for r in range(max(reps.values())):
-        waited = common.wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
-        window = common.Contention()
-        t_rep = time.perf_counter()
-        active = [bs for bs in args.batch_sizes if r < reps[bs]]
-        for bs in active[r % len(active) :] + active[: r % len(active)]:
-            names = list(jobs[bs])
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                dt, _ = common.timed(jobs[bs][name], device)
-                times[bs][name].append(dt)
-        others = window.cores_used_by_others()
-        contention.append(
-            {
-                "repeat": r + 1,
-                "batch_sizes": active,
-                "waited_for_quiet_s": round(waited, 1),
-                "wall_s": round(time.perf_counter() - t_rep, 1),
-                "cpu_cores_used_by_other_processes": None if others is None else round(others, 3),
-            }
-        )
-        common.log(f"repeat {r + 1} done in {time.perf_counter() - t_rep:.0f}s (other processes: {others} cores)")
+        rec = common.run_repeat(r, args.batch_sizes, reps, jobs, times, device, args.wait_quiet)
+        contention.append(rec)
+        others = rec["cpu_cores_used_by_other_processes"]
+        common.log(f"repeat {r + 1} done in {rec['wall_s']:.0f}s (other processes: {others} cores)")
         common.write_json(
             args.out, summarise(args, device, dtype, arch, members, ensembles, times, warm, contention, t_start)
         )

@@ -161,25 +161,9 @@ def measure(
     times: dict[int, dict[str, list[float]]] = {bs: {k: [] for k in jobs[bs]} for bs in batch_sizes}
     contention = []
     for r in range(max(reps.values())):
-        waited = common.wait_for_quiet(wait_quiet_s) if wait_quiet_s > 0 else 0.0
-        window = common.Contention()
-        t_rep = time.perf_counter()
-        active = [bs for bs in batch_sizes if r < reps[bs]]
-        for bs in active[r % len(active) :] + active[: r % len(active)]:
-            names = list(jobs[bs])
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                dt, _ = common.timed(jobs[bs][name], device)
-                times[bs][name].append(dt)
-        others = window.cores_used_by_others()
-        contention.append(
-            {
-                "repeat": r + 1,
-                "batch_sizes": active,
-                "waited_for_quiet_s": round(waited, 1),
-                "wall_s": round(time.perf_counter() - t_rep, 1),
-                "cpu_cores_used_by_other_processes": None if others is None else round(others, 3),
-            }
-        )
+        rec = common.run_repeat(r, batch_sizes, reps, jobs, times, device, wait_quiet_s)
+        contention.append(rec)
+        active, others = rec["batch_sizes"], rec["cpu_cores_used_by_other_processes"]
         common.log(
             f"repeat {r + 1}: "
             + "; ".join(

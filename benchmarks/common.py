@@ -263,3 +263,35 @@ def wait_for_quiet(max_wait_s: float, threshold_cores: float = 0.3, window_s: fl
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_repeat(
+    r: int,
+    batch_sizes: Sequence[int],
+    reps: dict[int, int],
+    jobs: dict[int, dict[str, Callable[[], Any]]],
+    times: dict[int, dict[str, list[float]]],
+    device: str | torch.device,
+    wait_quiet_s: float = 0.0,
+) -> dict[str, Any]:
+    """Repeat ``r`` of every job of every batch size still repeating, appended to ``times``; the order rotates
+    with ``r`` (over batch sizes and over jobs) so no job always runs first or after the same neighbour.
+    Returns the repeat's record: which batch sizes ran, how long it waited for quiet CPUs, its wall time and
+    the cores other processes used meanwhile."""
+    waited = wait_for_quiet(wait_quiet_s) if wait_quiet_s > 0 else 0.0
+    window = Contention()
+    t_rep = time.perf_counter()
+    active = [bs for bs in batch_sizes if r < reps[bs]]
+    for bs in active[r % len(active) :] + active[: r % len(active)]:
+        names = list(jobs[bs])
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            dt, _ = timed(jobs[bs][name], device)
+            times[bs][name].append(dt)
+    others = window.cores_used_by_others()
+    return {
+        "repeat": r + 1,
+        "batch_sizes": active,
+        "waited_for_quiet_s": round(waited, 1),
+        "wall_s": round(time.perf_counter() - t_rep, 1),
+        "cpu_cores_used_by_other_processes": None if others is None else round(others, 3),
+    }

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from salm.confidence import stats_dim
-from salm.io import atomic_write_json, owner_tag
+from salm.io import atomic_write_json, human_bytes, owner_tag
 
 FORMAT_VERSION = 2  # 2: stats.bin
 MANIFEST = "manifest.json"
@@ -251,14 +251,6 @@ class Dist:
     barrier: Callable[[], None] = lambda: None
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _disk_free(folder: Path) -> int:
     p = folder
     while not p.exists() and p != p.parent:
@@ -407,7 +399,7 @@ def load_or_build(
     dist.barrier()
     if manifest is not None:
         if dist.rank == 0:
-            print(f"feature cache: reusing {final} ({_human(manifest['nbytes'])})", file=sys.stderr)
+            print(f"feature cache: reusing {final} ({human_bytes(manifest['nbytes'])})", file=sys.stderr)
         return CachedFeatures(final, manifest, reused=True)
 
     counts = split.n_positions
@@ -429,15 +421,15 @@ def load_or_build(
     if dist.rank == 0:
         print(
             f"feature cache: {split.name}: {len(split)} examples, {p} loss positions, {len(model.members)} members "
-            f"-> {_human(need)} in {final}",
+            f"-> {human_bytes(need)} in {final}",
             file=sys.stderr,
         )
         free = _disk_free(cache_dir)
         if need > free:
             raise FeatureCacheError(
-                f"not enough disk space for the feature cache in {cache_dir}: needs {need} bytes ({_human(need)}), "
-                f"{free} bytes ({_human(free)}) free; pass --feature_cache_dir on a larger disk, or "
-                "--no_feature_cache to run the members every step"
+                f"not enough disk space for the feature cache in {cache_dir}: needs {need} bytes "
+                f"({human_bytes(need)}), {free} bytes ({human_bytes(free)}) free; pass --feature_cache_dir on a "
+                "larger disk, or --no_feature_cache to run the members every step"
             )
         if tmp.exists():
             shutil.rmtree(tmp)
