@@ -2,10 +2,14 @@
 
 Only the heads are parameters of this module (``state_dict()``/``parameters()``/``save_pretrained``);
 the members are held outside the module tree so they are never trained, saved or moved by accident.
+The heads are described by one :class:`salm.heads.HeadConfig` (``model.head_config``), written to
+``salm_config.json`` by ``save_pretrained`` and read back by ``from_pretrained``, which also reads the flat
+``head_*`` keys of folders saved before it existed and the seed's bare ``.pt`` heads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -20,7 +24,7 @@ from torch import nn
 
 from salm import __version__
 from salm.confidence import confidence_stats, stats_dim
-from salm.heads import ROUTERS, JointRouter, ScalarProjectionHead
+from salm.heads import HeadConfig, HeadConfigError, JointRouter, ScalarProjectionHead
 from salm.io import atomic_dir, atomic_write_json
 from salm.members import (
     MODELS,
@@ -91,24 +95,31 @@ class MultiModelWithScalarHeads(nn.Module):
     def __init__(
         self,
         base_models: Sequence[ModelInfo] | str | os.PathLike | None = MODELS,
-        head_hidden_dim: int = 256,
-        head_dropout: float = 0.1,
+        head_hidden_dim: int | None = None,
+        head_dropout: float | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         *,
-        head_norm: str = "layer",
-        router: str = "seed",
+        head_config: HeadConfig | None = None,
+        head_norm: str | None = None,
+        router: str | None = None,
         members: Sequence[nn.Module] | None = None,
         tokenizer: Any = None,
         trust_remote_code: bool = False,
     ):
         """Load (or adopt, via ``members=``/``tokenizer=``) the members and build one head per member.
 
+        ``head_config`` describes the heads (:class:`HeadConfig`'s defaults when not given). The seed's
+        keywords ``head_hidden_dim``/``head_dropout`` (positions 2 and 3, as in the seed) and ``head_norm``/
+        ``router`` override single fields of it; they carry no defaults of their own.
         ``device`` places the heads and every member without its own ``ModelInfo.device``; ``dtype``
         is the members' dtype (bf16 on accelerators, fp32 on CPU when not given). Heads stay fp32.
         """
         super().__init__()
-        self.device = resolve_device(device)  # first: a bad --device is named before anything loads
+        self.head_config = _with_overrides(
+            head_config or HeadConfig(), hidden_dim=head_hidden_dim, dropout=head_dropout, norm=head_norm, router=router
+        )  # first of all: a bad head setting is named before anything loads
+        self.device = resolve_device(device)  # a bad --device is named before any member loads
         infos = resolve_models(base_models)
         for m in infos:
             if m.device is not None:
@@ -116,7 +127,6 @@ class MultiModelWithScalarHeads(nn.Module):
         self.dtype = resolve_dtype(dtype, self.device)
         self.infos = infos
         self.model_ids = [m.id for m in infos]
-        self.head_hidden_dim, self.head_dropout, self.head_norm = head_hidden_dim, head_dropout, head_norm
         if members is None:
             tokenizers = [load_tokenizer(m, trust_remote_code) for m in infos]
             check_tokenizers(tokenizers, infos)
@@ -144,19 +154,15 @@ class MultiModelWithScalarHeads(nn.Module):
                 )
         self.eos_token_ids = eos_token_ids(self.members, tokenizer)
         self.hidden_sizes = [m.config.hidden_size for m in self.members]
-        self.build_router(router)
+        self.build_router(self.head_config.router)
         self._cache_kwarg = [
             "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values" for m in self.members
         ]
 
     def build_router(self, router: str) -> None:
         """(Re)create fresh heads of variant ``router`` (``seed``, ``confidence`` or ``joint``)."""
-        if router not in ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(ROUTERS)}; got {router!r}")
-        if router == "joint" and self.head_norm != "layer":
-            raise ValueError("the joint router has LayerNorm only; head_norm='batch' exists for seed heads")
-        self.router = router
-        dim, drop, norm = self.head_hidden_dim, self.head_dropout, self.head_norm
+        self.head_config = dataclasses.replace(self.head_config, router=router)  # checked like the constructor
+        dim, drop, norm = self.head_config.hidden_dim, self.head_config.dropout, self.head_config.norm
         f = stats_dim(len(self.model_ids)) if router != "seed" else 0
         if router == "joint":
             heads = {mid: nn.Linear(h, dim) for mid, h in zip(self.model_ids, self.hidden_sizes)}
@@ -169,6 +175,28 @@ class MultiModelWithScalarHeads(nn.Module):
             self.joint_router = None
         self.projection_heads = nn.ModuleDict(heads)
         self.to(self.device)
+
+    # The seed's and earlier saLM's names for the head settings: views of ``head_config``.
+    @property
+    def router(self) -> str:
+        return self.head_config.router
+
+    @property
+    def head_hidden_dim(self) -> int:
+        return self.head_config.hidden_dim
+
+    @property
+    def head_dropout(self) -> float:
+        return self.head_config.dropout
+
+    @head_dropout.setter
+    def head_dropout(self, value: float) -> None:
+        """Only records the rate (what ``save_pretrained`` writes); the Dropout modules keep theirs."""
+        self.head_config = dataclasses.replace(self.head_config, dropout=value)
+
+    @property
+    def head_norm(self) -> str:
+        return self.head_config.norm
 
     @property
     def uses_stats(self) -> bool:
@@ -378,13 +406,11 @@ class MultiModelWithScalarHeads(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict[str, Any]:
+        """What ``salm_config.json`` holds: the package version, the members and the :class:`HeadConfig`."""
         return {
             "salm_version": __version__,
             "members": [dict(m.to_dict(), hidden_size=h) for m, h in zip(self.infos, self.hidden_sizes)],
-            "head_hidden_dim": self.head_hidden_dim,
-            "head_dropout": self.head_dropout,
-            "head_norm": self.head_norm,
-            "router": self.router,
+            "heads": self.head_config.to_dict(),
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -407,8 +433,11 @@ class MultiModelWithScalarHeads(nn.Module):
     ) -> MultiModelWithScalarHeads:
         """Load trained heads: our folder (safetensors + config), a ``.safetensors`` file, or the seed's ``.pt``.
 
-        Without ``base_models`` the members named in the folder's config are loaded (PEFT-style). Weights
-        whose member ids or shapes do not fit the members raise :class:`WeightsError` listing every mismatch.
+        Without ``base_models`` the members named in the folder's config are loaded (PEFT-style). The heads'
+        :class:`HeadConfig` comes from the config; weights without one (``.pt``, a bare ``.safetensors``)
+        tell their router, norm and width from their tensors. ``kwargs`` go to the constructor, so
+        ``head_config=`` or a single ``head_*``/``router`` keyword overrides what was read. Weights whose
+        member ids or shapes do not fit the members raise :class:`WeightsError` listing every mismatch.
         """
         if weights_path is None:
             raise WeightsError("from_pretrained needs weights_path (a saLM folder, .safetensors or .pt file)")
@@ -424,20 +453,10 @@ class MultiModelWithScalarHeads(nn.Module):
                     "(--models) or use the folder save_pretrained wrote"
                 )
         if config is not None:
-            kwargs.setdefault("head_hidden_dim", config.get("head_hidden_dim", 256))
-            kwargs.setdefault("head_dropout", config.get("head_dropout", 0.1))
-            kwargs.setdefault("head_norm", config.get("head_norm", "layer"))
-            kwargs.setdefault("router", config.get("router", "seed"))
+            kwargs.setdefault("head_config", config_heads(config))
         else:
             state = _canonical_state(state, resolve_models(base_models))
-            kwargs.setdefault("head_norm", "batch" if any("running_mean" in k for k in state) else "layer")
-            kwargs.setdefault("router", router_of_state(state))
-            w0 = next(
-                (v for k, v in state.items() if k.endswith("non_linear_projection.0.weight") or k == _JOINT_IN),
-                None,
-            )
-            if w0 is not None:
-                kwargs.setdefault("head_hidden_dim", w0.shape[0])
+            kwargs.setdefault("head_config", heads_of_state(state))
         model = cls(base_models, **kwargs)
         model.load_heads(state, source=str(weights_path))
         model.eval()
@@ -485,11 +504,33 @@ class MultiModelWithScalarHeads(nn.Module):
 _JOINT_IN = "joint_router.stats_projection.weight"  # [head_hidden_dim, F]: tells a joint router's width
 
 
+def _with_overrides(config: HeadConfig, **fields: Any) -> HeadConfig:
+    """``config`` with the fields given (not None) replaced: the seed's keyword arguments over a HeadConfig."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    return dataclasses.replace(config, **given) if given else config
+
+
 def router_of_state(state: dict[str, torch.Tensor]) -> str:
     """The router variant a state dict holds (for weights saved without a config, e.g. ``.pt`` files)."""
     if any(k.startswith("joint_router.") for k in state):
         return "joint"
     return "confidence" if any(".stats_projection." in k for k in state) else "seed"
+
+
+def heads_of_state(state: dict[str, torch.Tensor]) -> HeadConfig:
+    """The HeadConfig that weights saved without a config (the seed's ``.pt``) were built with, from their tensors.
+
+    Router, norm (running statistics mean the seed's BatchNorm) and width are in the tensors; dropout is
+    not (it has no weights), so it takes the default, which only matters if these heads are trained further.
+    """
+    fields: dict[str, Any] = {
+        "norm": "batch" if any("running_mean" in k for k in state) else "layer",
+        "router": router_of_state(state),
+    }
+    w0 = next((v for k, v in state.items() if k.endswith("non_linear_projection.0.weight") or k == _JOINT_IN), None)
+    if w0 is not None:
+        fields["hidden_dim"] = w0.shape[0]
+    return HeadConfig(**fields)
 
 
 def _canonical_state(state: dict[str, torch.Tensor], infos: Sequence[ModelInfo]) -> dict[str, torch.Tensor]:
@@ -568,10 +609,33 @@ def read_config(path: Path) -> dict[str, Any]:
             raise WeightsError(
                 f"{path}: member {m['id']!r} has unknown fields {sorted(unknown)} (known: {sorted(_MEMBER_FIELDS)})"
             )
-    for key in ("head_hidden_dim",):
-        if key in config and (not isinstance(config[key], int) or config[key] < 2):
-            raise WeightsError(f"{path}: {key} must be an integer >= 2, got {config[key]!r}")
+    try:
+        config_heads(config)
+    except HeadConfigError as e:
+        raise WeightsError(f"{path}: {e}") from None
     return config
+
+
+# How folders saved before HeadConfig existed (flat keys) named its fields. ``router`` was added
+# later than the others: a folder without it holds seed heads, whatever HeadConfig's default router is.
+_LEGACY_HEAD_KEYS = {
+    "head_hidden_dim": "hidden_dim",
+    "head_dropout": "dropout",
+    "head_norm": "norm",
+    "router": "router",
+}
+
+
+def config_heads(config: dict[str, Any]) -> HeadConfig:
+    """The :class:`HeadConfig` a saLM config holds: its ``"heads"`` object, or the flat keys of older folders."""
+    if "heads" in config:
+        legacy = sorted(k for k in _LEGACY_HEAD_KEYS if k in config)
+        if legacy:
+            raise HeadConfigError(f"the config has both a 'heads' object and the older flat keys {legacy}; keep one")
+        return HeadConfig.from_dict(config["heads"])
+    fields = {new: config[old] for old, new in _LEGACY_HEAD_KEYS.items() if old in config}
+    fields.setdefault("router", "seed")
+    return HeadConfig.from_dict(fields)
 
 
 def config_members(config: dict[str, Any]) -> list[ModelInfo]:

@@ -1,20 +1,29 @@
 """Routing heads: a member's hidden state (and, for the ``confidence``/``joint`` routers, every member's
 confidence statistics, :mod:`salm.confidence`) -> routing scores.
 
-Router variants (``salm train --router``, recorded as ``router`` in ``salm_config.json``):
+Router variants (``salm train --router``, recorded as ``heads.router`` in ``salm_config.json``):
 
 * ``seed``: one :class:`ScalarProjectionHead` per member on its own final hidden state (the seed's heads);
 * ``confidence``: the same heads, each also reading the statistics of every member's next-token
   distribution through an extra linear map added to its first layer (``stats_projection``);
 * ``joint``: one :class:`JointRouter` scoring all members at once from every member's hidden state and
   the statistics (``projection_heads.<id>`` then maps member ``id``'s hidden state into the shared trunk).
+
+:class:`HeadConfig` is the one description of the heads (sizes, dropout, norm, router variant) and the one
+place their defaults live, in the style of PEFT's ``LoraConfig``: the ensemble is built from it,
+``save_pretrained`` writes it as ``"heads"`` in ``salm_config.json`` and ``from_pretrained`` reads it back.
+A new router option is one field here (checked in ``__post_init__``), read where the heads are built.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +31,58 @@ from torch import nn
 
 ROUTERS = ("seed", "confidence", "joint")
 """Router variants; folders saved before ``router`` existed in ``salm_config.json`` hold ``seed`` heads."""
+
+NORMS = ("layer", "batch")
+"""Head normalisation: ``layer`` for every new head; ``batch`` only to run the seed's BatchNorm heads."""
+
+
+class HeadConfigError(ValueError):
+    """A head setting that is unknown or out of range; the message names the field."""
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What the routing heads are: saved beside their weights, so a folder rebuilds exactly its heads.
+
+    Frozen: change a field with :func:`dataclasses.replace`, which checks the new value like the constructor.
+    The defaults here are the only head defaults in saLM (the ensemble, ``from_pretrained`` and training
+    take them from this class). ``router`` defaults to ``seed``, what an untrained ensemble and the seed's
+    heads are; ``salm train`` picks its own router (its ``--router`` default).
+    """
+
+    hidden_dim: int = 256  # width of the first layer (the second has hidden_dim // 2 units)
+    dropout: float = 0.1  # between the layers, only while training
+    norm: str = "layer"  # one of NORMS
+    router: str = "seed"  # one of ROUTERS
+
+    def __post_init__(self) -> None:
+        h, p = self.hidden_dim, self.dropout
+        if not isinstance(h, int) or isinstance(h, bool) or h < 2:  # 2 // 2 = 1 unit is the least that reads
+            raise HeadConfigError(f"HeadConfig.hidden_dim must be an integer >= 2, got {h!r}")
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p) or not 0 <= p < 1:
+            raise HeadConfigError(f"HeadConfig.dropout must be a number in [0, 1), got {p!r}")
+        if self.norm not in NORMS:
+            raise HeadConfigError(f"HeadConfig.norm must be one of {', '.join(NORMS)}; got {self.norm!r}")
+        if self.router not in ROUTERS:
+            raise HeadConfigError(f"HeadConfig.router must be one of {', '.join(ROUTERS)}; got {self.router!r}")
+        if self.router == "joint" and self.norm != "layer":
+            raise HeadConfigError("HeadConfig: the joint router has LayerNorm only; norm='batch' exists for seed heads")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (what ``salm_config.json`` holds under ``"heads"``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> HeadConfig:
+        """The inverse of :meth:`to_dict`; missing fields take the defaults, unknown ones are an error."""
+        if not isinstance(values, Mapping):
+            raise HeadConfigError(f"HeadConfig needs a JSON object of fields, got {type(values).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise HeadConfigError(f"unknown HeadConfig field(s) {unknown} (known: {', '.join(known)})")
+        return cls(**values)
+
 
 _EVAL_HEADS = contextvars.ContextVar("salm_eval_heads", default=False)
 

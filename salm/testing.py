@@ -106,15 +106,17 @@ def fresh_heads(ens, seed: int = 0, **kw):
     """A new ensemble over ``ens``'s already loaded members, with new heads of the same kind (seeded).
 
     Cheap (no member is reloaded) and keeps tests independent of heads another test trained. ``kw``
-    overrides the heads' settings (``head_hidden_dim``, ``head_dropout``, ``head_norm``).
+    overrides the heads' settings (``head_config=`` or single ``head_hidden_dim``/``head_dropout``/
+    ``head_norm``/``router`` keywords); the router is ``seed`` unless asked for.
     """
+    import dataclasses
+
     from salm.ensemble import MultiModelWithScalarHeads
 
     torch.manual_seed(seed)
-    settings = dict(head_hidden_dim=ens.head_hidden_dim, head_dropout=ens.head_dropout, head_norm=ens.head_norm)
-    settings.update(kw)
+    kw.setdefault("head_config", dataclasses.replace(ens.head_config, router="seed"))
     return MultiModelWithScalarHeads(
-        ens.infos, device=ens.device, dtype=ens.dtype, members=ens.members, tokenizer=ens.tokenizer, **settings
+        ens.infos, device=ens.device, dtype=ens.dtype, members=ens.members, tokenizer=ens.tokenizer, **kw
     ).eval()
 
 

@@ -68,7 +68,7 @@ def test_loss_weights():
 def test_every_router_saves_and_loads(tiny_ensemble, tmp_path, router):
     ens = fresh(tiny_ensemble, seed=5, router=router)
     ens.save_pretrained(tmp_path / "heads")
-    assert json.loads((tmp_path / "heads" / "salm_config.json").read_text())["router"] == router
+    assert json.loads((tmp_path / "heads" / "salm_config.json").read_text())["heads"]["router"] == router
     loaded = MultiModelWithScalarHeads.from_pretrained(weights_path=tmp_path / "heads", device="cpu")
     assert loaded.router == router
     ids, mask = batch(ens, PROMPTS)
@@ -116,10 +116,11 @@ def test_seed_pt_heads_route_identically(tiny_ensemble, tmp_path):
         )
         ref.append(head.eval()(h))
     torch.testing.assert_close(ens(ids, mask).router_logits, torch.stack(ref, -1))
-    # An older saLM folder: salm_config.json without a "router" field.
+    # An older saLM folder: flat head keys in salm_config.json, written before "router" existed.
     ens.save_pretrained(tmp_path / "old")
     cfg = json.loads((tmp_path / "old" / "salm_config.json").read_text())
-    del cfg["router"]
+    heads = cfg.pop("heads")
+    cfg.update(head_hidden_dim=heads["hidden_dim"], head_dropout=heads["dropout"], head_norm=heads["norm"])
     (tmp_path / "old" / "salm_config.json").write_text(json.dumps(cfg))
     old = MultiModelWithScalarHeads.from_pretrained(weights_path=tmp_path / "old", device="cpu")
     assert old.router == "seed"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from salm.ensemble import WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError
-from salm.heads import ScalarProjectionHead
+from salm.heads import HeadConfig, HeadConfigError, ScalarProjectionHead
 from salm.members import MemberError, ModelInfo, load_member_set, select_models
 from salm.testing import fresh_heads as fresh  # also imported by other test modules under this name
 
@@ -67,6 +67,88 @@ def test_save_load_round_trip(tiny_ensemble, tmp_path):
     loaded = MultiModelWithScalarHeads.from_pretrained(weights_path=tmp_path / "heads", device="cpu")
     ids, mask = batch(ens, ["Sphinx of black quartz"])
     torch.testing.assert_close(loaded(ids, mask).router_logits, ens(ids, mask).router_logits)
+
+
+def test_head_config_round_trip_and_errors():
+    cfg = HeadConfig(hidden_dim=64, dropout=0.25, norm="batch", router="confidence")
+    assert HeadConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert HeadConfig.from_dict({}) == HeadConfig()  # missing fields: the defaults
+    with pytest.raises(HeadConfigError, match=r"unknown HeadConfig field\(s\) \['colour'\] \(known: hidden_dim, "):
+        HeadConfig.from_dict({"hidden_dim": 8, "colour": "red"})
+    for bad, message in [
+        ({"hidden_dim": 1}, "HeadConfig.hidden_dim must be an integer >= 2, got 1"),
+        ({"hidden_dim": True}, "HeadConfig.hidden_dim must be an integer >= 2, got True"),
+        ({"dropout": 1.0}, r"HeadConfig.dropout must be a number in \[0, 1\), got 1.0"),
+        ({"dropout": float("nan")}, r"HeadConfig.dropout must be a number in \[0, 1\), got nan"),
+        ({"norm": "group"}, "HeadConfig.norm must be one of layer, batch; got 'group'"),
+        ({"router": "moe"}, "HeadConfig.router must be one of seed, confidence, joint; got 'moe'"),
+        ({"router": "joint", "norm": "batch"}, "the joint router has LayerNorm only"),
+    ]:
+        with pytest.raises(HeadConfigError, match=message):
+            HeadConfig.from_dict(bad)
+    with pytest.raises(HeadConfigError, match="HeadConfig needs a JSON object of fields, got list"):
+        HeadConfig.from_dict([8])
+
+
+def test_head_config_builds_the_heads_and_is_saved(tiny_ensemble, tmp_path):
+    """``head_config=`` and the seed's keywords build the same heads; the folder keeps the config."""
+    cfg = HeadConfig(hidden_dim=16, dropout=0.3, router="confidence")
+    ens = fresh(tiny_ensemble, seed=4, head_config=cfg)
+    assert ens.head_config == cfg and ens.head_hidden_dim == 16 and ens.head_dropout == 0.3
+    assert ens.projection_heads["tiny-0"].non_linear_projection[0].weight.shape == (16, 32)
+    by_keywords = fresh(tiny_ensemble, seed=4, head_hidden_dim=16, head_dropout=0.3, router="confidence")
+    assert by_keywords.head_config == cfg
+    assert all(torch.equal(a, b) for a, b in zip(ens.state_dict().values(), by_keywords.state_dict().values()))
+    # A keyword overrides one field of head_config; a bad one is named before any member loads.
+    assert fresh(tiny_ensemble, head_config=cfg, head_dropout=0.0).head_config == HeadConfig(
+        16, 0.0, "layer", "confidence"
+    )
+    with pytest.raises(HeadConfigError, match="HeadConfig.hidden_dim must be an integer >= 2, got 0"):
+        MultiModelWithScalarHeads(["no-such-member"], head_hidden_dim=0)
+    ens.save_pretrained(tmp_path / "heads")
+    saved = json.loads((tmp_path / "heads" / "salm_config.json").read_text())
+    assert saved["heads"] == {"hidden_dim": 16, "dropout": 0.3, "norm": "layer", "router": "confidence"}
+    loaded = MultiModelWithScalarHeads.from_pretrained(tmp_path / "heads", device="cpu")
+    assert loaded.head_config == cfg
+    saved["heads"]["width"] = 3
+    (tmp_path / "heads" / "salm_config.json").write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"salm_config.json: unknown HeadConfig field\(s\) \['width'\]"):
+        MultiModelWithScalarHeads.from_pretrained(tmp_path / "heads", device="cpu")
+
+
+def test_folder_in_the_format_before_head_config_loads_identically(tiny_ensemble, tmp_path):
+    """A folder as saLM wrote it before HeadConfig (flat ``head_*`` keys, written here by hand) loads the
+    same heads with the same settings, and routes exactly as the model that saved it."""
+    from safetensors.torch import save_file
+
+    from salm import __version__
+
+    ens = fresh(tiny_ensemble, seed=8, head_hidden_dim=24, head_dropout=0.2, router="confidence")
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in ens.state_dict().items()}, str(old / WEIGHTS_NAME))
+    (old / "salm_config.json").write_text(
+        json.dumps(
+            {
+                "salm_version": __version__,
+                "members": [dict(m.to_dict(), hidden_size=h) for m, h in zip(ens.infos, ens.hidden_sizes)],
+                "head_hidden_dim": 24,
+                "head_dropout": 0.2,
+                "head_norm": "layer",
+                "router": "confidence",
+            }
+        )
+    )
+    loaded = MultiModelWithScalarHeads.from_pretrained(old, device="cpu")
+    assert loaded.head_config == ens.head_config and loaded.model_ids == ens.model_ids
+    assert all(torch.equal(v, ens.state_dict()[k]) for k, v in loaded.state_dict().items())
+    ids, mask = batch(ens, ["Sphinx of black quartz", "Tom has"])
+    torch.testing.assert_close(loaded(ids, mask).router_logits, ens(ids, mask).router_logits)
+    # Saved again, it is in the new format and still the same heads.
+    loaded.save_pretrained(tmp_path / "new")
+    again = MultiModelWithScalarHeads.from_pretrained(tmp_path / "new", device="cpu")
+    assert again.head_config == ens.head_config
+    assert "head_hidden_dim" not in json.loads((tmp_path / "new" / "salm_config.json").read_text())
 
 
 def _seed_state(ens, ids):

@@ -55,7 +55,7 @@ def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
     saved = json.loads((tmp_path / "out" / "knowledge_summary.json").read_text())
     assert saved["variants"].keys() == summary["variants"].keys()
     cfg = json.loads((tmp_path / "out" / "confidence" / "best_model" / "salm_config.json").read_text())
-    assert cfg["router"] == "confidence"
+    assert cfg["heads"]["router"] == "confidence"
     # A second build of the same recipe reuses the folder (nothing retrained).
     before = (tmp_path / "members" / "build_report.json").stat().st_mtime_ns
     build_knowledge_members(recipe, tmp_path / "members", progress=False)
