@@ -37,6 +37,7 @@ from salm.members import (
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+    resolve_member_id,
     resolve_models,
 )
 
@@ -534,13 +535,13 @@ def heads_of_state(state: dict[str, torch.Tensor]) -> HeadConfig:
 
 
 def _canonical_state(state: dict[str, torch.Tensor], infos: Sequence[ModelInfo]) -> dict[str, torch.Tensor]:
-    """Rename aliased member ids (the seed's ``quen-25-15b-med``) to the canonical ids."""
-    alias = {a: m.id for m in infos for a in m.aliases}
+    """Rename aliased member ids (the seed's ``quen-25-15b-med``) to the canonical ids; unknown ids stay
+    (:meth:`MultiModelWithScalarHeads.load_heads` lists them)."""
     out = {}
     for k, v in state.items():
         parts = k.split(".")
-        if len(parts) > 1 and parts[0] == "projection_heads" and parts[1] in alias:
-            parts[1] = alias[parts[1]]
+        if len(parts) > 1 and parts[0] == "projection_heads":
+            parts[1] = resolve_member_id(parts[1], infos) or parts[1]
         out[".".join(parts)] = v
     return out
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from salm.heads import heads_in_eval_mode
+from salm.members import ModelInfo, resolve_member_id
 
 ROUTING_MODES = ("argmax", "mixture", "threshold:<p>", "member:<id>")
 
@@ -74,8 +75,12 @@ class Routing:
     member: int = 0
 
 
-def parse_routing(routing: str, model_ids: Sequence[str]) -> Routing:
-    """Parse ``argmax`` | ``mixture`` | ``threshold:<p>`` | ``member:<id>``."""
+def parse_routing(routing: str, members: Sequence[ModelInfo | str]) -> Routing:
+    """Parse ``argmax`` | ``mixture`` | ``threshold:<p>`` | ``member:<id>``.
+
+    ``members`` are the loaded members' infos (``model.infos``): ``member:<alias>`` resolves through their
+    aliases (:func:`salm.members.resolve_member_id`); plain id strings are members without aliases.
+    """
     if routing in ("argmax", "mixture"):
         return Routing(routing)
     kind, _, arg = routing.partition(":")
@@ -88,13 +93,11 @@ def parse_routing(routing: str, model_ids: Sequence[str]) -> Routing:
             raise GenerationError(f"routing {routing!r}: threshold must be a number in (0, 1), e.g. threshold:0.6")
         return Routing("threshold", threshold=p)
     if kind == "member":
-        from salm.members import MODELS
-
-        aliases = {a: m.id for m in MODELS for a in m.aliases}
-        mid = aliases.get(arg, arg)
-        if mid not in model_ids:
-            raise GenerationError(f"routing {routing!r}: unknown member {arg!r}; members are {list(model_ids)}")
-        return Routing("member", member=list(model_ids).index(mid))
+        ids = [m if isinstance(m, str) else m.id for m in members]
+        mid = resolve_member_id(arg, members)
+        if mid is None:
+            raise GenerationError(f"routing {routing!r}: unknown member {arg!r}; members are {ids}")
+        return Routing("member", member=ids.index(mid))
     raise GenerationError(f"unknown routing {routing!r}; use one of {', '.join(ROUTING_MODES)}")
 
 
@@ -436,7 +439,7 @@ def generate(
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if cache_implementation not in ("dynamic", "static"):
         raise GenerationError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
-    rt = parse_routing(routing, model.model_ids)
+    rt = parse_routing(routing, model.infos)
     encoded = encode_prompts(model, prompts, truncate, room=max_new_tokens)
     generator = None
     if seed is not None:

@@ -59,13 +59,28 @@ class MemberError(ValueError):
     """A member set, member path or member compatibility problem the user must fix."""
 
 
+def resolve_member_id(name: str, members: Sequence[ModelInfo | str]) -> str | None:
+    """The id of the member in ``members`` that ``name`` names (its id or one of its aliases, e.g. the seed's
+    ``quen-25-15b-med``), or None. The one alias resolver: member selection, head weights saved under an
+    alias and ``member:<id>`` routing all ask it, with the members actually loaded (a plain id string
+    stands for a member without aliases), so an alias means what the loaded member set says it means.
+    """
+    for m in members:
+        if isinstance(m, str):
+            if name == m:
+                return m
+        elif name == m.id or name in m.aliases:
+            return m.id
+    return None
+
+
 def canonical_id(model_id: str, models: Sequence[ModelInfo] = MODELS) -> str:
     """Map an id or alias (e.g. the seed's ``quen-25-15b-med``) to the canonical member id."""
-    for m in models:
-        if model_id == m.id or model_id in m.aliases:
-            return m.id
-    known = ", ".join(m.id for m in models)
-    raise MemberError(f"unknown member id {model_id!r}; known members: {known}")
+    mid = resolve_member_id(model_id, models)
+    if mid is None:
+        known = ", ".join(m.id for m in models)
+        raise MemberError(f"unknown member id {model_id!r}; known members: {known}")
+    return mid
 
 
 def select_models(ids: Iterable[str], models: Sequence[ModelInfo] = MODELS) -> list[ModelInfo]:

@@ -162,4 +162,12 @@ def test_left_truncation_when_asked(tiny_ensemble):
 
 
 def test_parse_routing_alias():
-    assert parse_routing("member:quen-25-15b-med", ["qwen-25-15b", "qwen-25-15b-med"]).member == 1
+    """``member:<alias>`` resolves through the loaded members' aliases, not the default trio's."""
+    from salm.members import MODELS, ModelInfo
+
+    assert parse_routing("member:quen-25-15b-med", MODELS[:2]).member == 1
+    assert parse_routing("member:qwen-25-15b-med", ["qwen-25-15b", "qwen-25-15b-med"]).member == 1
+    own = [ModelInfo("a", "a", "a"), ModelInfo("b", "b", "b", aliases=("quen-25-15b-med",))]
+    assert parse_routing("member:quen-25-15b-med", own).member == 1
+    with pytest.raises(GenerationError, match=r"unknown member 'quen-25-15b-med'; members are \['x', 'y'\]"):
+        parse_routing("member:quen-25-15b-med", ["x", "y"])

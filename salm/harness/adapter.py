@@ -121,12 +121,12 @@ class SalmLM(TemplateLM):
         self.ensemble = ensemble.eval()
         self.tokenizer = ensemble.tokenizer
         self.routing_name = routing
-        self.routing = parse_routing(routing, ensemble.model_ids)
+        self.routing = parse_routing(routing, ensemble.infos)
         # member:<id> runs an ensemble of that one member (the same class and code, sharing the loaded weights):
         # the other members' outputs could not change its scores, only cost their forward passes.
         if self.routing.mode == "member":
             self.model = single_member_view(ensemble, self.routing.member)
-            self.routing = parse_routing(routing, self.model.model_ids)
+            self.routing = parse_routing(routing, self.model.infos)
         else:
             self.model = self.ensemble
         self.weights = weights

@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> int:
     from salm.harness.adapter import _load_ensemble
 
     ensemble = _load_ensemble(args.models, args.weights, args.dtype, device, args.trust_remote_code, warn=False)
-    parse_routing(args.routing, ensemble.model_ids)
+    parse_routing(args.routing, ensemble.infos)
     settings = {
         "routing": args.routing,
         "num_fewshot": args.num_fewshot,

@@ -218,7 +218,7 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {ctx} tokens "
                 f"(prompt at most {ctx - 1} tokens, leaving room for one generated token)"
             )
-        return parse_routing(p.routing, self.model.model_ids)
+        return parse_routing(p.routing, self.model.infos)
 
     # ------------------------------------------------------------------ the loop
     def _wake(self) -> None:
