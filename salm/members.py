@@ -137,6 +137,27 @@ def load_member_set(path: str | os.PathLike) -> list[ModelInfo]:
     return members
 
 
+def write_member_set(path: str | os.PathLike, members: Sequence[ModelInfo], comment: str | None = None) -> Path:
+    """Write a member-set file that :func:`load_member_set` reads back as ``members`` (the only writer).
+
+    YAML for ``.yaml``/``.yml`` (with ``comment`` as a header; safe_dump quotes what needs it), JSON otherwise.
+    Paths are written as given: a relative path is read back relative to the file's folder, so a folder of
+    members plus this file can move together. Written atomically; aliases are code-only and not written.
+    """
+    from salm.io import atomic_write_text
+
+    validate_member_set(members, source=str(path))
+    entries = [m.to_dict() for m in members]
+    if Path(path).suffix in (".yaml", ".yml"):
+        import yaml
+
+        header = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+        text = header + yaml.safe_dump({"members": entries}, sort_keys=False, allow_unicode=True)
+    else:
+        text = json.dumps({"members": entries}, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
+
+
 def validate_member_set(models: Sequence[ModelInfo], source: str = "member set") -> None:
     if len(models) < 2:
         raise MemberError(f"{source}: an ensemble needs at least 2 members, got {len(models)}")

@@ -5,13 +5,14 @@ They go through exactly the same loading path as hub models: ordinary Hugging Fa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from salm.members import ModelInfo
+from salm.members import ModelInfo, write_member_set
+
+__all__ = ["build_member", "build_tiny_members", "build_tokenizer", "fresh_heads", "write_member_set"]
 
 _CORPUS = [
     "Question: what is two plus three?\nAnswer:\nReasoning: 2 + 3 = 5.\nTherefore, the answer is: 5",
@@ -118,10 +119,3 @@ def fresh_heads(ens, seed: int = 0, **kw):
     return MultiModelWithScalarHeads(
         ens.infos, device=ens.device, dtype=ens.dtype, members=ens.members, tokenizer=ens.tokenizer, **kw
     ).eval()
-
-
-def write_member_set(path: str | Path, infos: Sequence[ModelInfo]) -> Path:
-    """A member-set file (JSON) for ``infos``, as ``--models`` reads it."""
-    path = Path(path)
-    path.write_text(json.dumps([i.to_dict() for i in infos]))
-    return path

@@ -9,7 +9,7 @@ import torch
 
 from salm.ensemble import WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError
 from salm.heads import HeadConfig, HeadConfigError, ScalarProjectionHead
-from salm.members import MemberError, ModelInfo, load_member_set, select_models
+from salm.members import MemberError, ModelInfo, load_member_set, select_models, write_member_set
 from salm.testing import fresh_heads as fresh  # also imported by other test modules under this name
 
 
@@ -231,3 +231,25 @@ def test_member_set_file_relative_paths(tiny_infos, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "a", "path": "x", "colour": "red"}]))
     with pytest.raises(MemberError, match=r"bad.json: member 'a' has unknown fields \['colour'\]"):
         load_member_set(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("name", ["members.yaml", "members.json"])
+def test_member_set_written_reads_back_the_same_members(tiny_infos, tmp_path, name):
+    """The one writer and the one reader agree, also on values YAML would retype or misparse by hand."""
+    import shutil
+
+    shutil.copytree(tiny_infos[1].path, tmp_path / "local")
+    members = [
+        ModelInfo("a", "Name: with a colon # and a hash", tiny_infos[0].path, "1", "general", revision="main"),
+        ModelInfo("b", "b", "local", "1.5M", "yes", device="cpu"),  # relative: read back from the file's folder
+        ModelInfo("c", "'quoted'", "org/hub-model", "0.5"),
+    ]
+    path = write_member_set(tmp_path / name, members, comment="a header\nof two lines")
+    expected = [members[0], ModelInfo("b", "b", str((tmp_path / "local").resolve()), "1.5M", "yes", device="cpu"),
+                members[2]]  # fmt: skip
+    assert load_member_set(path) == expected
+    if name.endswith(".yaml"):
+        assert path.read_text().startswith("# a header\n# of two lines\nmembers:\n")
+    with pytest.raises(MemberError, match=r"duplicate member ids \['a'\]"):
+        write_member_set(tmp_path / "dup.yaml", [members[0], members[0]])
+    assert not (tmp_path / "dup.yaml").exists()

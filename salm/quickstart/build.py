@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from salm.io import cache_root
+from salm.members import ModelInfo, write_member_set
 from salm.quickstart.corpora import (
     DOMAINS,
     SPLITS,
@@ -438,16 +439,14 @@ def _format_params(n: int) -> str:
 
 
 def _write_members_yaml(path: Path, params: dict[str, int]) -> None:
-    lines = ["# saLM quickstart ensemble: members built from scratch by salm.quickstart.build", "members:"]
-    for member, info in MEMBER_INFO.items():
-        lines += [
-            f"  - id: {member}",
-            f"    name: {info['name']}",
-            f"    path: {member}",
-            f"    parameters: {_format_params(params[member])}",
-            f"    task: {info['task']}",
-        ]
-    path.write_text("\n".join(lines) + "\n")
+    """``members.yaml`` naming each member folder relative to the file, so the built folder can move."""
+    members = [
+        ModelInfo(member, info["name"], member, _format_params(params[member]), info["task"])
+        for member, info in MEMBER_INFO.items()
+    ]
+    write_member_set(
+        path, members, comment="saLM quickstart ensemble: members built from scratch by salm.quickstart.build"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from salm.io import atomic_write_json, cache_root
+from salm.members import ModelInfo, write_member_set
 
 KNOWLEDGE_VERSION = 1
 """Bump whenever code changes what a build produces: new cache key."""
@@ -226,15 +227,17 @@ def _build_into(tmp: Path, recipe: KnowledgeRecipe, digest: str, progress: bool)
         curves[mid] = train_lm(model, [_token_stream(tokenizer, texts[mid])], [1.0], phase, recipe.seq_len,
                                recipe.seed + 1 + k, f"{mid} (own facts)", progress)  # fmt: skip
         members[mid] = model
-    lines = ["# saLM knowledge split: members fine-tuned on disjoint synthetic facts", "members:"]
     for mid, model in members.items():
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(tmp / mid)
         tokenizer.save_pretrained(tmp / mid)
-        lines += [f"  - id: {mid}", f"    name: Knows group {mid[-1]}", f"    path: {mid}", "    task: knowledge"]
     shutil.rmtree(tmp / "tokenizer")
-    (tmp / "members.yaml").write_text("\n".join(lines) + "\n")
+    write_member_set(
+        tmp / "members.yaml",
+        [ModelInfo(mid, f"Knows group {mid[-1]}", mid, task="knowledge") for mid in members],
+        comment="saLM knowledge split: members fine-tuned on disjoint synthetic facts",
+    )
     report = {
         "recipe_hash": digest,
         "recipe": dataclasses.asdict(recipe),
