@@ -24,20 +24,11 @@ _CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 300, corpus: Sequence[str] = _CORPUS):
-    """A byte-level BPE tokenizer with an EOS/pad token, wrapped as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer with an EOS/pad token, wrapped as a fast HF tokenizer (GPT-2's split; see
+    :func:`salm.quickstart.build.train_tokenizer`, the one builder)."""
+    from salm.quickstart.build import train_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    return train_tokenizer(corpus, vocab_size, pretokenizer="gpt2")
 
 
 def build_member(

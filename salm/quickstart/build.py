@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,25 +224,37 @@ QWEN2_PRETOKENIZE_REGEX = (
 r"""Qwen2's pre-tokenizer split. ``\p{N}`` isolates every digit, so numbers are spelled digit by digit."""
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
-    """Train a byte-level BPE, save it to ``save_dir`` and return it as reloaded by ``AutoTokenizer``.
+def train_tokenizer(texts: Sequence[str], vocab_size: int, save_dir: Path | None = None, pretokenizer: str = "qwen2"):
+    """Train a byte-level BPE with ``EOS_TOKEN``/``PAD_TOKEN``: saLM's one tokenizer builder (the quickstart and
+    knowledge-split members, and :func:`salm.testing.build_tokenizer` for the tests' tiny members).
 
-    The normalizer and pre-tokenizer are exactly Qwen2's: transformers 5 loads any folder whose
-    ``config.json`` says ``qwen2`` with ``Qwen2Tokenizer``, which re-installs those components, so any
-    other pipeline (e.g. a ``Digits`` pre-tokenizer) would silently tokenize differently after loading.
-    Returning the reloaded tokenizer guarantees training and every later user see the same ids.
+    ``pretokenizer="qwen2"`` (every built member): the normalizer and pre-tokenizer are exactly Qwen2's:
+    transformers 5 loads any folder whose ``config.json`` says ``qwen2`` with ``Qwen2Tokenizer``, which
+    re-installs those components, so any other pipeline (e.g. a ``Digits`` pre-tokenizer) would silently
+    tokenize differently after loading. It is saved to ``save_dir`` and returned as reloaded by
+    ``AutoTokenizer``, which guarantees training and every later user see the same ids.
+    ``pretokenizer="gpt2"``: GPT-2's byte-level split and no normalizer, returned as built (saved to
+    ``save_dir`` when given); what the tests' tiny members have always used.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
 
+    if pretokenizer not in ("qwen2", "gpt2"):
+        raise ValueError(f"pretokenizer must be 'qwen2' or 'gpt2', got {pretokenizer!r}")
+    qwen2 = pretokenizer == "qwen2"
+    if qwen2 and save_dir is None:
+        raise ValueError("a qwen2 tokenizer is checked by reloading it: pass save_dir")
     tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    if qwen2:
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -250,8 +263,12 @@ def train_tokenizer(texts: list[str], vocab_size: int, save_dir: Path):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, unk_token=EOS_TOKEN)
-    fast.save_pretrained(save_dir)
+    specials = dict(eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, **({"unk_token": EOS_TOKEN} if qwen2 else {}))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+    if save_dir is not None:
+        fast.save_pretrained(save_dir)
+    if not qwen2:
+        return fast
     # Resolve the class exactly as AutoTokenizer does for a member folder (whose config says qwen2).
     loaded = AutoTokenizer.from_pretrained(save_dir, config=Qwen2Config())
     probe = "".join(t[:2000] for t in texts[:50])
