@@ -12,7 +12,7 @@ import torch
 
 from salm.members import ModelInfo, write_member_set
 
-__all__ = ["build_member", "build_tiny_members", "build_tokenizer", "fresh_heads", "write_member_set"]
+__all__ = ["build_member", "build_tiny_members", "build_tokenizer", "write_member_set"]
 
 _CORPUS = [
     "Question: what is two plus three?\nAnswer:\nReasoning: 2 + 3 = 5.\nTherefore, the answer is: 5",
@@ -92,21 +92,3 @@ def build_tiny_members(
         path = build_member(Path(root) / mid, tokenizer, seed=i, arch=arch, hidden_size=h, **kwargs)
         infos.append(ModelInfo(mid, f"Tiny member {i}", str(path), "tiny", "test"))
     return infos
-
-
-def fresh_heads(ens, seed: int = 0, **kw):
-    """A new ensemble over ``ens``'s already loaded members, with new heads of the same kind (seeded).
-
-    Cheap (no member is reloaded) and keeps tests independent of heads another test trained. ``kw``
-    overrides the heads' settings (``head_config=`` or single ``head_hidden_dim``/``head_dropout``/
-    ``head_norm``/``router`` keywords); the router is ``seed`` unless asked for.
-    """
-    import dataclasses
-
-    from salm.ensemble import MultiModelWithScalarHeads
-
-    torch.manual_seed(seed)
-    kw.setdefault("head_config", dataclasses.replace(ens.head_config, router="seed"))
-    return MultiModelWithScalarHeads(
-        ens.infos, device=ens.device, dtype=ens.dtype, members=ens.members, tokenizer=ens.tokenizer, **kw
-    ).eval()

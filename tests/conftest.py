@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random members built once per session (CPU, no network), and an isolated environment.
+"""Shared fixtures: tiny random members built once per session (CPU, no network), and an isolated environment;
+and the helpers several test modules use (``from tests.conftest import fresh, batch, ...``), defined once here.
 
 No test reads or writes the user's environment: caches, Hugging Face's home and the home folder all point
 at temporary folders. Hugging Face libraries read ``HF_HOME`` once, at import (before any fixture runs), so
@@ -9,10 +10,15 @@ module fixtures one private set of folders and every test its own (``SALM_CACHE`
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,3 +117,105 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "Question: what is two plus three?\nAnswer:\n",
+    "def add",
+    "The patient presented with fever and cough; the doctor",
+]
+
+
+def fresh(ens, seed: int = 0, **kw):
+    """A new ensemble over ``ens``'s already loaded members, with new seeded heads of the same settings.
+
+    Cheap (no member is reloaded) and keeps tests independent of heads another test trained. ``kw``
+    overrides the constructor's arguments: ``head_config=``, single ``head_hidden_dim``/``head_dropout``/
+    ``head_norm``/``router`` keywords, ``device``; the router is ``seed`` unless asked for.
+    """
+    import dataclasses
+
+    import torch
+
+    from salm.ensemble import MultiModelWithScalarHeads
+
+    torch.manual_seed(seed)
+    kw = {"head_config": dataclasses.replace(ens.head_config, router="seed"), "device": ens.device, **kw}
+    return MultiModelWithScalarHeads(
+        ens.infos, dtype=ens.dtype, members=ens.members, tokenizer=ens.tokenizer, **kw
+    ).eval()
+
+
+def batch(ens, texts: Sequence[str]):
+    """(input_ids, attention_mask) of ``texts`` with the ensemble's tokenizer, padded."""
+    enc = ens.tokenizer(list(texts), return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def seed_state(ens, ids: Sequence[str]) -> dict[str, Any]:
+    """A state dict in the seed's layout: BatchNorm heads (with running statistics) under projection_heads.<id>."""
+    import torch
+
+    from salm.heads import ScalarProjectionHead
+
+    state = {}
+    torch.manual_seed(7)
+    for mid, h in zip(ids, ens.hidden_sizes):
+        seed_head = ScalarProjectionHead(h, 256, norm="batch")
+        for mod in seed_head.non_linear_projection:
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.running_mean.normal_()
+                mod.running_var.uniform_(0.5, 2.0)
+        state.update({f"projection_heads.{mid}.{k}": v for k, v in seed_head.state_dict().items()})
+    return state
+
+
+def write_jsonl(path: Path, rows: Iterable[Any]) -> Path:
+    """``rows`` as a UTF-8 JSON-lines file (parent folders created); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def math_examples(n: int = 3):
+    """``n`` arithmetic :class:`salm.data.Example` rows in the pipeline's answer format."""
+    from salm.data import Example
+
+    return [
+        Example(
+            id=f"arith/test/{i}",
+            dataset="arith",
+            question=f"What is {i} plus {i + 1}?",
+            answer=f"Reasoning: {i} + {i + 1} = {2 * i + 1}.\nTherefore, the answer is: {2 * i + 1}",
+            label=str(2 * i + 1),
+        )
+        for i in range(n)
+    ]
+
+
+def write_task_data(folder: Path, n: int = 6) -> Path:
+    """Tiny jsonl copies in the shared-data layout (gsm8k train/test, medqa test, boolq validation)."""
+    gsm = [
+        {"question": f"Tom has {i} apples and buys {i + 2} more. How many?", "answer": f"{i}+{i + 2}\n#### {2 * i + 2}"}
+        for i in range(2 * n)
+    ]
+    write_jsonl(folder / "gsm8k/train.jsonl", gsm[:n])
+    write_jsonl(folder / "gsm8k/test.jsonl", gsm[n:])
+    options = {"A": "rest", "B": "fluids and rest", "C": "aspirin", "D": "surgery"}
+    med = [
+        {"question": f"Patient {i} has a fever. Treatment?", "options": options, "answer_idx": "ABCD"[i % 4]}
+        for i in range(n)
+    ]
+    write_jsonl(folder / "medqa/test_4options.jsonl", med)
+    boolq = [{"question": f"is {i} even", "passage": f"The number {i}.", "answer": i % 2 == 0} for i in range(n)]
+    write_jsonl(folder / "boolq/validation.jsonl", boolq)
+    return folder
+
+
+def modules_imported_by(code: str, modules: Iterable[str]) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code`` (e.g. building ``--help``)."""
+    probe = f"{code}; import json, sys; print(json.dumps(sorted(m for m in {list(modules)!r} if m in sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

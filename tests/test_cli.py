@@ -13,6 +13,7 @@ import pytest
 from salm import members
 from salm.cli import EXIT_BAD_INPUT, build_parser, main
 from salm.testing import write_member_set
+from tests.conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,9 +116,8 @@ def test_library_warnings_are_printed_once():
 
 def test_evaluation_log_to_a_file_has_no_nested_bars(tiny_infos, tmp_path, capfd):
     """stderr captured (not a terminal): the datasets bar stays, the bars nested inside it do not."""
-    data = tmp_path / "arith.jsonl"
     rows = [{"question": f"What is {i} plus 1?", "answer": f"Therefore, the answer is: {i + 1}"} for i in range(2)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(tmp_path / "arith.jsonl", rows)
     argv = ["evaluate", "--models", str(write_member_set(tmp_path / "m.json", tiny_infos)), "--datasets", "a",
             "--data", f"a={data}", "--max_new_tokens", "3", "--no_plots", "--device", "cpu",
             "--output_dir", str(tmp_path / "out")]  # fmt: skip

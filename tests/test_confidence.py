@@ -13,7 +13,7 @@ from salm.ensemble import MultiModelWithScalarHeads
 from salm.features import TokenizedSplit, load_or_build
 from salm.heads import ROUTERS, ScalarProjectionHead
 from salm.loss import disagreement_weights, perfect_alignment_loss
-from tests.test_ensemble import _seed_state, batch, fresh
+from tests.conftest import batch, fresh, seed_state
 
 PROMPTS = ["Question: what is two plus three?\nAnswer:\n", "def add"]
 
@@ -99,7 +99,7 @@ def test_heads_read_the_stats(tiny_ensemble):
 
 def test_seed_pt_heads_route_identically(tiny_ensemble, tmp_path):
     """The seed's .pt heads (and folders saved before ``router`` existed) load as seed heads, unchanged."""
-    state = _seed_state(tiny_ensemble, tiny_ensemble.model_ids)
+    state = seed_state(tiny_ensemble, tiny_ensemble.model_ids)
     torch.save(state, tmp_path / "best_model_heads.pt")
     ens = MultiModelWithScalarHeads.from_pretrained(
         base_models=tiny_ensemble.infos, weights_path=tmp_path / "best_model_heads.pt", device="cpu"

@@ -21,8 +21,8 @@ from salm.data import (
     row_to_example,
     train_val_split,
 )
+from tests.conftest import SHARED_DATA, write_jsonl
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"public data folder {SHARED_DATA} is absent (only on project machines)"
 )
@@ -39,12 +39,6 @@ MEDQA_ROW = {
     "meta_info": "step1",
 }
 BOOLQ_ROW = {"question": "is the sky blue", "title": "Sky", "passage": "The sky is blue.", "answer": True}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def _convert(row: dict) -> Example:
@@ -153,7 +147,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_unknown_schema_names_file_line_keys_and_schemas(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path / "odd.jsonl", [GSM8K_ROW, {"prompt": "x", "completion": "y"}])
+    path = write_jsonl(tmp_path / "odd.jsonl", [GSM8K_ROW, {"prompt": "x", "completion": "y"}])
     pattern = r"odd\.jsonl, line 2: row matches no known schema \(keys found: \['completion', 'prompt'\]\)"
     with pytest.raises(DataFormatError, match=pattern + r".*accepted schemas: medqa .*input_target"):
         load_examples(str(path))
@@ -184,11 +178,11 @@ def test_json_csv_parquet_round_trip(tmp_path: Path) -> None:
     pd = pytest.importorskip("pandas")
     pytest.importorskip("pyarrow")
     gsm_rows = [GSM8K_ROW, dict(GSM8K_ROW, answer="x\n#### 5")]
-    reference = load_examples(str(_write_jsonl(tmp_path / "ref.jsonl", gsm_rows)), name="d")
+    reference = load_examples(str(write_jsonl(tmp_path / "ref.jsonl", gsm_rows)), name="d")
 
     (tmp_path / "list.json").write_text(json.dumps(gsm_rows), encoding="utf-8")
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": gsm_rows}), encoding="utf-8")
-    _write_jsonl(tmp_path / "lines.json", gsm_rows)  # JSON Lines under a .json name, as on the hub
+    write_jsonl(tmp_path / "lines.json", gsm_rows)  # JSON Lines under a .json name, as on the hub
     pd.DataFrame(gsm_rows).to_csv(tmp_path / "t.csv", index=False)
     pd.DataFrame(gsm_rows).to_parquet(tmp_path / "t.parquet")
     for name in ("list.json", "wrapped.json", "lines.json", "t.csv", "t.parquet"):
@@ -216,10 +210,10 @@ def test_csv_errors_name_the_line(tmp_path: Path) -> None:
 
 
 def test_limit_and_file_naming(tmp_path: Path) -> None:
-    path = _write_jsonl(tmp_path / "mydata" / "train.jsonl", [GSM8K_ROW] * 5)
+    path = write_jsonl(tmp_path / "mydata" / "train.jsonl", [GSM8K_ROW] * 5)
     examples = load_examples(str(path), limit=2)
     assert [e.id for e in examples] == ["mydata/train/0", "mydata/train/1"]  # split-named file: folder name
-    other = _write_jsonl(tmp_path / "arith.jsonl", [GSM8K_ROW])
+    other = write_jsonl(tmp_path / "arith.jsonl", [GSM8K_ROW])
     assert load_examples(str(other), split="test")[0].id == "arith/test/0"
 
 
@@ -303,8 +297,8 @@ def test_balance_truncates_to_smallest_and_is_order_independent() -> None:
 
 
 def test_load_training_sets_holds_out_and_balances_local_files(tmp_path: Path) -> None:
-    gsm = _write_jsonl(tmp_path / "arith.jsonl", [dict(GSM8K_ROW, question=f"q{i}") for i in range(40)])
-    bq = _write_jsonl(tmp_path / "yesno.jsonl", [dict(BOOLQ_ROW, question=f"q{i}") for i in range(20)])
+    gsm = write_jsonl(tmp_path / "arith.jsonl", [dict(GSM8K_ROW, question=f"q{i}") for i in range(40)])
+    bq = write_jsonl(tmp_path / "yesno.jsonl", [dict(BOOLQ_ROW, question=f"q{i}") for i in range(20)])
     data = load_training_sets([str(gsm), str(bq)], val_fraction=0.25, seed=5)
     arith, yesno = data.report["datasets"]["arith"], data.report["datasets"]["yesno"]
     assert arith["held_out"] and yesno["held_out"]
@@ -319,8 +313,8 @@ def test_load_training_sets_holds_out_and_balances_local_files(tmp_path: Path) -
 
 
 def test_load_training_sets_rejects_name_clash(tmp_path: Path) -> None:
-    first = _write_jsonl(tmp_path / "x" / "data.jsonl", [GSM8K_ROW] * 3)
-    second = _write_jsonl(tmp_path / "y" / "data.jsonl", [GSM8K_ROW] * 3)
+    first = write_jsonl(tmp_path / "x" / "data.jsonl", [GSM8K_ROW] * 3)
+    second = write_jsonl(tmp_path / "y" / "data.jsonl", [GSM8K_ROW] * 3)
     with pytest.raises(ValueError, match="are both named 'data'"):
         load_training_sets([str(first), str(second)])
 
@@ -329,7 +323,7 @@ def test_data_dir_known_name_uses_local_files(tmp_path: Path, monkeypatch: pytes
     from salm.data import loading
 
     rows = [dict(GSM8K_ROW, question=f"{GSM8K_ROW['question']} ({i})") for i in range(10)]  # distinct: a repeat
-    _write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)  # in both splits would be dropped from validation
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)  # in both splits would be dropped from validation
     data = load_training_sets(["gsm8k"], val_fraction=0.2, data_dir=tmp_path)
     info = data.report["datasets"]["gsm8k"]
     assert info["held_out"] is True and len(data.val) == 2 and info["source_split"] == "train"
@@ -341,8 +335,8 @@ def test_data_dir_known_name_uses_local_files(tmp_path: Path, monkeypatch: pytes
         local_relpaths={"train": "boolq/train.jsonl", "validation": "boolq/validation.jsonl"},
     )
     monkeypatch.setitem(loading.DATASETS, "boolq", spec)
-    _write_jsonl(tmp_path / "boolq" / "train.jsonl", [BOOLQ_ROW] * 6)
-    _write_jsonl(tmp_path / "boolq" / "validation.jsonl", [dict(BOOLQ_ROW, answer=False)] * 3)
+    write_jsonl(tmp_path / "boolq" / "train.jsonl", [BOOLQ_ROW] * 6)
+    write_jsonl(tmp_path / "boolq" / "validation.jsonl", [dict(BOOLQ_ROW, answer=False)] * 3)
     monkeypatch.setenv("SALM_DATA_DIR", str(tmp_path))
     data = load_training_sets(["boolq"])
     assert data.report["datasets"]["boolq"]["held_out"] is False

@@ -10,12 +10,7 @@ import torch
 from salm.ensemble import WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError
 from salm.heads import HeadConfig, HeadConfigError, ScalarProjectionHead
 from salm.members import MemberError, ModelInfo, load_member_set, select_models, write_member_set
-from salm.testing import fresh_heads as fresh  # also imported by other test modules under this name
-
-
-def batch(ens, texts):
-    enc = ens.tokenizer(texts, return_tensors="pt", padding=True)
-    return enc["input_ids"], enc["attention_mask"]
+from tests.conftest import batch, fresh, seed_state
 
 
 def test_routing_probs_sum_to_one(tiny_ensemble):
@@ -151,23 +146,9 @@ def test_folder_in_the_format_before_head_config_loads_identically(tiny_ensemble
     assert "head_hidden_dim" not in json.loads((tmp_path / "new" / "salm_config.json").read_text())
 
 
-def _seed_state(ens, ids):
-    """A state dict in the seed's layout: BatchNorm heads under projection_heads.<id>."""
-    state = {}
-    torch.manual_seed(7)
-    for mid, h in zip(ids, ens.hidden_sizes):
-        seed_head = ScalarProjectionHead(h, 256, norm="batch")
-        for mod in seed_head.non_linear_projection:
-            if isinstance(mod, torch.nn.BatchNorm1d):
-                mod.running_mean.normal_()
-                mod.running_var.uniform_(0.5, 2.0)
-        state.update({f"projection_heads.{mid}.{k}": v for k, v in seed_head.state_dict().items()})
-    return state
-
-
 def test_seed_pt_layout_loads_with_alias(tiny_ensemble, tmp_path):
     infos = [ModelInfo(i.id, i.name, i.path, aliases=(f"old-{i.id}",)) for i in tiny_ensemble.infos]
-    state = _seed_state(tiny_ensemble, [f"old-{i.id}" for i in infos])
+    state = seed_state(tiny_ensemble, [f"old-{i.id}" for i in infos])
     torch.save(state, tmp_path / "best_model_heads.pt")
     ens = MultiModelWithScalarHeads.from_pretrained(
         base_models=infos, weights_path=tmp_path / "best_model_heads.pt", device="cpu"
@@ -182,11 +163,11 @@ def test_seed_pt_layout_loads_with_alias(tiny_ensemble, tmp_path):
 
 
 def test_mismatched_weights_raise(tiny_ensemble, tmp_path):
-    state = _seed_state(tiny_ensemble, ["tiny-0", "tiny-1", "other"])
+    state = seed_state(tiny_ensemble, ["tiny-0", "tiny-1", "other"])
     torch.save(state, tmp_path / "w.pt")
     with pytest.raises(WeightsError, match=r"no heads for members \['tiny-2'\].*not in this ensemble \['other'\]"):
         MultiModelWithScalarHeads.from_pretrained(base_models=tiny_ensemble.infos, weights_path=tmp_path / "w.pt")
-    state = _seed_state(tiny_ensemble, ["tiny-0", "tiny-2", "tiny-1"])  # 48-wide head saved for a 32-wide member
+    state = seed_state(tiny_ensemble, ["tiny-0", "tiny-2", "tiny-1"])  # 48-wide head saved for a 32-wide member
     torch.save(state, tmp_path / "w.pt")
     with pytest.raises(
         WeightsError, match=r"projection_heads.tiny-1.non_linear_projection.0.weight: shape \(256, 32\)"

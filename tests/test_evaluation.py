@@ -22,27 +22,14 @@ from salm.evaluation.analysis import (
 from salm.evaluation.runner import ENSEMBLE, EvalSettings, evaluate, evaluate_task, sample_examples
 from salm.evaluation.tasks import TASKS, Task, TaskRegistry, generic_task, score_auto, score_gsm8k_output
 from salm.generation import GenerationOutput, TokenDecision
-from salm.testing import fresh_heads as fresh
 from salm.testing import write_member_set
+from tests.conftest import fresh, math_examples
 
 
 def _cli(argv: list[str]) -> int:
     import salm.cli
 
     return salm.cli.main(argv)
-
-
-def _math_examples(n: int = 3) -> list[Example]:
-    return [
-        Example(
-            id=f"arith/test/{i}",
-            dataset="arith",
-            question=f"What is {i} plus {i + 1}?",
-            answer=f"Reasoning: {i} + {i + 1} = {2 * i + 1}.\nTherefore, the answer is: {2 * i + 1}",
-            label=str(2 * i + 1),
-        )
-        for i in range(n)
-    ]
 
 
 QUIET = dict(progress=False, plots=False)
@@ -149,7 +136,7 @@ def test_task_registry_and_generic_scoring():
     assert not reg.get("arith").generative
     with pytest.raises(KeyError, match="registered tasks: arith"):
         reg.get("nope")
-    ex = _math_examples(2)[1]  # label "3"
+    ex = math_examples(2)[1]  # label "3"
     assert score_auto("so the answer is 3.0", ex)["correct"]
     mc = Example("x/0", "x", "q", "Therefore, the answer is: B", "B", options={"A": "a", "B": "b"})
     assert score_auto("The answer is (B).", mc)["correct"]
@@ -159,7 +146,7 @@ def test_task_registry_and_generic_scoring():
 
 
 def test_sampling_is_seeded_and_shared():
-    exs = _math_examples(20)
+    exs = math_examples(20)
     a, b = sample_examples(exs, 5, 42), sample_examples(exs, 5, 42)
     assert a == b and len(a) == 5 and a != sample_examples(exs, 5, 7)
     assert sample_examples(exs, 0, 42) == exs and sample_examples(exs, 50, 42) == exs
@@ -236,7 +223,7 @@ def test_heads_forced_to_member_k_give_member_ks_predictions(tiny_ensemble, tmp_
     arith = Task("arith", scorer=score_gsm8k_output)
     prose = Task("prose", scorer=None)  # NLL only: no generation
     settings = EvalSettings(max_new_tokens=6, temperature=0.7, batch_size=2, **QUIET)
-    summary = evaluate(ens, [(arith, _math_examples(3)), (prose, _math_examples(2))], tmp_path, settings)
+    summary = evaluate(ens, [(arith, math_examples(3)), (prose, math_examples(2))], tmp_path, settings)
     rows = [json.loads(line) for line in (tmp_path / "arith" / "predictions.jsonl").read_text().splitlines()]
     ours = {r["id"]: r["output"] for r in rows if r["model"] == ENSEMBLE}
     member = {r["id"]: r["output"] for r in rows if r["model"] == ens.model_ids[k]}
@@ -251,30 +238,30 @@ def test_rerun_resumes_from_finished_generations(tiny_ensemble, tmp_path, monkey
     ens = fresh(tiny_ensemble, seed=3)
     arith = Task("arith", scorer=score_gsm8k_output)
     settings = EvalSettings(max_new_tokens=5, temperature=0, batch_size=2, teacher_forced=False, **QUIET)
-    first = evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    first = evaluate(ens, [(arith, math_examples(3))], tmp_path, settings)
     stored = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "arith" / runner.GENERATIONS_DIR).iterdir())
     assert stored == sorted([ENSEMBLE, *ens.model_ids])
 
     calls = []
     real = ens.generate
     monkeypatch.setattr(ens, "generate", lambda *a, **kw: calls.append(kw["routing"]) or real(*a, **kw))
-    second = evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    second = evaluate(ens, [(arith, math_examples(3))], tmp_path, settings)
     assert calls == []  # everything was finished: nothing is generated again
     assert second["datasets"]["arith"]["models"] == first["datasets"]["arith"]["models"]
 
     # A model whose stored file is gone (the run was killed during it) is generated again, and only it.
     next((tmp_path / "arith" / runner.GENERATIONS_DIR).glob(f"{ens.model_ids[1]}-*")).unlink()
-    evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    evaluate(ens, [(arith, math_examples(3))], tmp_path, settings)
     assert calls == [f"member:{ens.model_ids[1]}"]
 
     # Other decoding settings or other heads are other generations.
     calls.clear()
-    evaluate(ens, [(arith, _math_examples(3))], tmp_path, EvalSettings(**{**settings.__dict__, "max_new_tokens": 4}))
+    evaluate(ens, [(arith, math_examples(3))], tmp_path, EvalSettings(**{**settings.__dict__, "max_new_tokens": 4}))
     assert len(calls) == 1 + len(ens.model_ids)
     calls.clear()
     with torch.no_grad():
         next(iter(ens.parameters())).add_(1.0)
-    evaluate(ens, [(arith, _math_examples(3))], tmp_path, settings)
+    evaluate(ens, [(arith, math_examples(3))], tmp_path, settings)
     assert len(calls) == 1 + len(ens.model_ids)
 
 
@@ -314,7 +301,7 @@ def test_skipped_dataset_does_not_stop_the_others(tiny_infos, tmp_path, monkeypa
     monkeypatch.setattr(runner, "load_examples", hub_down)
     data = tmp_path / "arith.jsonl"
     data.write_text(
-        "".join(json.dumps({"question": ex.question, "answer": ex.answer}) + "\n" for ex in _math_examples(3))
+        "".join(json.dumps({"question": ex.question, "answer": ex.answer}) + "\n" for ex in math_examples(3))
     )
     out = tmp_path / "out"
     rc = _cli(

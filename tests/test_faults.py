@@ -26,6 +26,7 @@ from salm.io import OutputLockedError, output_lock, owner_tag
 from salm.members import MemberError
 from salm.testing import write_member_set
 from salm.training import TrainConfig, TrainingError, train
+from tests.conftest import fresh, write_jsonl
 
 ROWS = [
     {"question": f"What is {a} plus {b}?", "answer": f"Therefore, the answer is: {a + b}"}
@@ -35,18 +36,6 @@ ROWS = [
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _heads_model(ens, head_hidden_dim=8, head_dropout=0.1) -> MultiModelWithScalarHeads:
-    """Fresh heads over the session's already loaded tiny members."""
-    return MultiModelWithScalarHeads(
-        ens.infos, head_hidden_dim, head_dropout, device="cpu", members=ens.members, tokenizer=ens.tokenizer
-    )
 
 
 def _config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
@@ -101,7 +90,7 @@ def test_cli_refuses_infinite_learning_rate_in_one_line(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny_ensemble, tmp_path, monkeypatch):
-    data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     real = training.perfect_alignment_loss
     train_calls = [0]
     nan_at = [5]  # 9 training rows, batch 4: 3 steps per epoch, so step 5 is in epoch 2
@@ -117,7 +106,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny
     monkeypatch.setattr(training, "perfect_alignment_loss", poisoned)
     cfg = _config(tmp_path, data)
     with pytest.raises(TrainingError) as e:
-        train(cfg, model=_heads_model(tiny_ensemble))
+        train(cfg, model=fresh(tiny_ensemble, head_hidden_dim=8))
     out = Path(cfg.output_dir)
     ckpt = out / "checkpoint_last.pt"
     msg = str(e.value)
@@ -130,13 +119,13 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny
     # Diverging at the very first step: nothing was saved, and the message says so.
     train_calls[0], nan_at[0] = 0, 1
     with pytest.raises(TrainingError, match="diverged at step 1 .*no checkpoint was written before it"):
-        train(_config(tmp_path / "first", data), model=_heads_model(tiny_ensemble))
+        train(_config(tmp_path / "first", data), model=fresh(tiny_ensemble, head_hidden_dim=8))
     assert not (tmp_path / "first" / "out" / "best_model").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 2. non-finite heads
 def test_loading_non_finite_heads_is_refused(tiny_ensemble, tmp_path):
-    model = _heads_model(tiny_ensemble, head_hidden_dim=256)
+    model = fresh(tiny_ensemble, head_hidden_dim=256)
     model.save_pretrained(tmp_path / "ok")
     state = model.state_dict()
     state["projection_heads.tiny-1.non_linear_projection.0.weight"][0, 0] = math.nan
@@ -202,7 +191,7 @@ def _try_lock(folder):
 
 
 def test_evaluate_cli_fails_before_loading_members_when_locked(tiny_infos, tmp_path, capsys, monkeypatch):
-    data = _write_jsonl(tmp_path / "qa.jsonl", ROWS[:2])
+    data = write_jsonl(tmp_path / "qa.jsonl", ROWS[:2])
     members = write_member_set(tmp_path / "m.json", tiny_infos)
     out = tmp_path / "eval"
     argv = ["evaluate", "--models", str(members), "--data", f"qa={data}", "--datasets", "qa", "--output_dir", str(out),
@@ -230,10 +219,10 @@ def test_evaluate_cli_fails_before_loading_members_when_locked(tiny_infos, tmp_p
 def test_a_crash_while_saving_leaves_the_previous_folder_whole(tiny_ensemble, tmp_path, monkeypatch):
     import salm.ensemble as ens_mod
 
-    first = _heads_model(tiny_ensemble)
+    first = fresh(tiny_ensemble, seed=1, head_hidden_dim=8)
     first.save_pretrained(tmp_path / "best_model")
     want = {k: v.clone() for k, v in first.state_dict().items()}
-    second = _heads_model(tiny_ensemble)
+    second = fresh(tiny_ensemble, seed=2, head_hidden_dim=8)
 
     def killed(*a, **k):
         raise KeyboardInterrupt("killed between the two files")
@@ -250,7 +239,7 @@ def test_a_crash_while_saving_leaves_the_previous_folder_whole(tiny_ensemble, tm
 
 
 def test_weights_folder_without_its_config_is_an_error(tiny_ensemble, tmp_path):
-    _heads_model(tiny_ensemble).save_pretrained(tmp_path / "m")
+    fresh(tiny_ensemble, head_hidden_dim=8).save_pretrained(tmp_path / "m")
     (tmp_path / "m" / CONFIG_NAME).unlink()
     with pytest.raises(WeightsError, match=f"holds {WEIGHTS_NAME} but no {CONFIG_NAME}: an incomplete save"):
         MultiModelWithScalarHeads.from_pretrained(tmp_path / "m")
@@ -270,7 +259,7 @@ def test_weights_folder_without_its_config_is_an_error(tiny_ensemble, tmp_path):
     ],
 )
 def test_corrupt_config_is_one_clear_error(tiny_ensemble, tmp_path, edit, message):
-    _heads_model(tiny_ensemble).save_pretrained(tmp_path / "m")
+    fresh(tiny_ensemble, head_hidden_dim=8).save_pretrained(tmp_path / "m")
     cfg = tmp_path / "m" / CONFIG_NAME
     cfg.write_text(edit(cfg.read_text()))
     with pytest.raises(WeightsError, match=message):
@@ -310,17 +299,17 @@ def test_debris_of_dead_processes_is_removed_at_start_and_reported(tmp_path, cap
 
 
 def test_resume_from_an_unreadable_checkpoint_is_one_clear_error(tiny_ensemble, tmp_path):
-    data = _write_jsonl(tmp_path / "d.jsonl", ROWS)
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = _config(tmp_path, data, num_epochs=1)
     Path(cfg.output_dir).mkdir(parents=True)
     ckpt = Path(cfg.output_dir) / "checkpoint_last.pt"
     for content in (b"", b"PK\x03\x04 truncated zip", b"\x80\x02}q\x00."):
         ckpt.write_bytes(content)
         with pytest.raises(TrainingError, match=f"--resume: cannot read {ckpt} .*Delete it to start afresh"):
-            train(dataclasses.replace(cfg, resume=True), model=_heads_model(tiny_ensemble))
+            train(dataclasses.replace(cfg, resume=True), model=fresh(tiny_ensemble, head_hidden_dim=8))
     torch.save({"heads": {}}, ckpt)
     with pytest.raises(TrainingError, match="not a saLM training checkpoint"):
-        train(dataclasses.replace(cfg, resume=True), model=_heads_model(tiny_ensemble))
+        train(dataclasses.replace(cfg, resume=True), model=fresh(tiny_ensemble, head_hidden_dim=8))
 
 
 def test_several_processes_without_accelerate_name_the_extra(monkeypatch):

@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from salm.generation import GenerationError, parse_routing
-from salm.testing import fresh_heads as fresh
-
-PROMPTS = [
-    "Question: what is two plus three?\nAnswer:\n",
-    "def add",
-    "The patient presented with fever and cough; the doctor",
-]
+from tests.conftest import PROMPTS, fresh
 
 
 def _hf_greedy(member, tokenizer, prompt: str, n: int) -> list[int]:

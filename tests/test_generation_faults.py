@@ -9,22 +9,15 @@ import pytest
 import torch
 
 from salm.cli import main as cli_main
-from salm.ensemble import MultiModelWithScalarHeads
 from salm.generation import GenerationError, generate
 from salm.members import MemberError, resolve_device
-
-
-def _heads_model(ens, head_hidden_dim: int, head_dropout: float) -> MultiModelWithScalarHeads:
-    """Fresh heads over the session's already loaded tiny members."""
-    return MultiModelWithScalarHeads(
-        ens.infos, head_hidden_dim, head_dropout, device="cpu", members=ens.members, tokenizer=ens.tokenizer
-    )
+from tests.conftest import fresh
 
 
 def test_generation_never_flips_the_models_mode_and_routes_with_eval_heads(tiny_ensemble):
     """Thread B starts, thread A starts; B ends while A is mid-generation. The old code's B restored train mode
     (dropout on) under A; A must route exactly as in eval mode, and nobody's flags may change."""
-    model = _heads_model(tiny_ensemble, head_hidden_dim=16, head_dropout=0.5)
+    model = fresh(tiny_ensemble, head_hidden_dim=16, head_dropout=0.5)
     kw = dict(max_new_tokens=6, temperature=0, return_decisions=True)
     prompt = "Question: what is two plus three?\nAnswer:\n"
     ref = generate(model.eval(), prompt, **kw)

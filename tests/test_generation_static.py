@@ -10,8 +10,7 @@ import torch
 
 import salm.fast_decode as fast_decode
 from salm.generation import GenerationError
-from tests.test_ensemble import fresh
-from tests.test_generation import PROMPTS
+from tests.conftest import PROMPTS, fresh
 
 ROUTINGS = ["argmax", "mixture", "threshold:0.5", "member:tiny-0", "member:tiny-1"]  # tiny-1 is the Llama member
 
@@ -167,7 +166,7 @@ def test_compile_flag_of_generate_and_evaluate(tiny_infos, tmp_path, monkeypatch
 
     from salm.cli import main
     from salm.testing import write_member_set
-    from tests.test_evaluation import _math_examples
+    from tests.conftest import math_examples
 
     _aot_eager(monkeypatch)
     members = str(write_member_set(tmp_path / "members.json", tiny_infos))
@@ -182,7 +181,7 @@ def test_compile_flag_of_generate_and_evaluate(tiny_infos, tmp_path, monkeypatch
     assert "compiled the decode step of tiny-0, tiny-1, tiny-2 (batch 1, cache 32) in" in captured.err
 
     data = tmp_path / "arith.jsonl"
-    data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in _math_examples(3)))
+    data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in math_examples(3)))
     outputs = []
     for extra in ([], ["--compile"]):
         out = tmp_path / f"out{len(extra)}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +14,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (p
 
 from salm.harness import task_manager  # noqa: E402
 from salm.harness.adapter import SalmLM  # noqa: E402
+from tests.conftest import write_task_data  # noqa: E402
 
 PAIRS = [
     ("Question: what is two plus three?\nAnswer:", " 5"),
@@ -23,31 +23,6 @@ PAIRS = [
     ("", "The quick brown fox"),  # empty context: conditioned on BOS/EOS, as lm-eval does
     ("Tom has 12 apples. He gives 4 to Ann", " and buys 7 more. 12 - 4 = 8."),
 ]
-
-
-def write_task_data(folder: Path, n: int = 6) -> Path:
-    """Tiny jsonl copies in the shared-data layout (gsm8k train/test, medqa test, boolq validation)."""
-    for sub in ("gsm8k", "medqa", "boolq"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    gsm = [
-        {"question": f"Tom has {i} apples and buys {i + 2} more. How many?", "answer": f"{i}+{i + 2}\n#### {2 * i + 2}"}
-        for i in range(2 * n)
-    ]
-    _jsonl(folder / "gsm8k/train.jsonl", gsm[:n])
-    _jsonl(folder / "gsm8k/test.jsonl", gsm[n:])
-    options = {"A": "rest", "B": "fluids and rest", "C": "aspirin", "D": "surgery"}
-    med = [
-        {"question": f"Patient {i} has a fever. Treatment?", "options": options, "answer_idx": "ABCD"[i % 4]}
-        for i in range(n)
-    ]
-    _jsonl(folder / "medqa/test_4options.jsonl", med)
-    boolq = [{"question": f"is {i} even", "passage": f"The number {i}.", "answer": i % 2 == 0} for i in range(n)]
-    _jsonl(folder / "boolq/validation.jsonl", boolq)
-    return folder
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _greedy_pair(lm) -> tuple[str, str]:

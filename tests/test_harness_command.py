@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'salm[harness]')")
 
 from salm.testing import write_member_set  # noqa: E402
-from tests.test_harness import write_task_data  # noqa: E402
+from tests.conftest import write_task_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

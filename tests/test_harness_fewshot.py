@@ -9,7 +9,7 @@ import pytest
 from salm.data import Example
 from salm.evaluation.runner import EvalSettings, evaluate, prepare_tasks
 from salm.evaluation.tasks import TASKS, draw_shots, generic_task
-from tests.test_harness import write_task_data
+from tests.conftest import write_task_data
 
 
 def _examples(n: int, split: str = "test") -> list[Example]:

@@ -17,8 +17,8 @@ from salm import features, training
 from salm.data import DataFormatError, Example
 from salm.ensemble import MultiModelWithScalarHeads
 from salm.features import FeatureCacheError, TokenizationError, load_or_build, tokenize_examples
-from salm.testing import fresh_heads as fresh
 from salm.training import TrainConfig, TrainingError, train
+from tests.conftest import fresh, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 HEAD_DIM = 32
@@ -50,9 +50,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("train")
     files = []
     for name, rows in (("math", MATH), ("yesno", YESNO)):
-        f = root / f"{name}.jsonl"
-        f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files.append(str(f))
+        files.append(str(write_jsonl(root / f"{name}.jsonl", rows)))
     infos = build_tiny_members(root / "members", 3, tokenizer=tiny_tokenizer, hidden_sizes=[32, 32, 48])
     texts = [f"Question: {r['question']}\nAnswer:\n{r['answer']}<|endoftext|>" for r in MATH + YESNO]
     enc = tiny_tokenizer(texts, return_tensors="pt", padding=True)
