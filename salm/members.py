@@ -151,8 +151,12 @@ def write_member_set(path: str | os.PathLike, members: Sequence[ModelInfo], comm
     if Path(path).suffix in (".yaml", ".yml"):
         import yaml
 
+        class Dumper(yaml.SafeDumper):  # list items indented under their key, as people write YAML
+            def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+                super().increase_indent(flow, False)
+
         header = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
-        text = header + yaml.safe_dump({"members": entries}, sort_keys=False, allow_unicode=True)
+        text = header + yaml.dump({"members": entries}, Dumper=Dumper, sort_keys=False, allow_unicode=True)
     else:
         text = json.dumps({"members": entries}, indent=2, ensure_ascii=False) + "\n"
     return atomic_write_text(path, text)
