@@ -387,8 +387,10 @@ def load_or_build(
 ) -> CachedFeatures:
     """The split's cached features: reused when a complete cache with the same key exists, else extracted.
 
-    Under several processes (``dist.world > 1``) each process extracts every ``world``-th example into the
-    same preallocated files (positions are known up front), and rank 0 writes the manifest and renames.
+    Stages: find a complete cache under the key -> plan the files -> preallocate them in a temporary
+    folder -> extract -> write the manifest and rename the folder into place. Under several processes
+    (``dist.world > 1``) each process extracts every ``world``-th example into the same preallocated files
+    (positions are known up front), and rank 0 does the rest.
     """
     dist = dist or Dist()
     cache_dir = Path(cache_dir).expanduser()
@@ -402,72 +404,94 @@ def load_or_build(
             print(f"feature cache: reusing {final} ({human_bytes(manifest['nbytes'])})", file=sys.stderr)
         return CachedFeatures(final, manifest, reused=True)
 
-    counts = split.n_positions
-    offsets = np.zeros(len(split) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum(counts)
-    p = int(offsets[-1])
-    storage = [_STORAGE[d] for d in member_dtypes(model)]
-    files = {
-        f"hidden_{i}.bin": max(p, 1) * h * np.dtype(s[0]).itemsize
-        for i, (s, h) in enumerate(zip(storage, model.hidden_sizes))
-    }
-    files["gold.bin"] = max(p, 1) * len(model.members) * 4
-    files["stats.bin"] = max(p, 1) * stats_dim(len(model.members)) * 4
-    files["offsets.bin"] = offsets.nbytes
-    need = sum(files.values())
+    offsets, files = _plan_files(model, split)
     # Named by its owner so a later run can remove it once that process is dead (salm.io.stale_temporaries);
     # several processes share one folder named for the launch, which each new launch rebuilds.
     tmp = cache_dir / f".{final.name}.tmp-{owner_tag() if dist.world == 1 else 'dist'}"
     if dist.rank == 0:
+        need = sum(files.values())
         print(
-            f"feature cache: {split.name}: {len(split)} examples, {p} loss positions, {len(model.members)} members "
-            f"-> {human_bytes(need)} in {final}",
+            f"feature cache: {split.name}: {len(split)} examples, {int(offsets[-1])} loss positions, "
+            f"{len(model.members)} members -> {human_bytes(need)} in {final}",
             file=sys.stderr,
         )
-        free = _disk_free(cache_dir)
-        if need > free:
-            raise FeatureCacheError(
-                f"not enough disk space for the feature cache in {cache_dir}: needs {need} bytes "
-                f"({human_bytes(need)}), {free} bytes ({human_bytes(free)}) free; pass --feature_cache_dir on a "
-                "larger disk, or --no_feature_cache to run the members every step"
-            )
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        offsets.tofile(tmp / "offsets.bin")
-        for name, size in files.items():
-            if name != "offsets.bin":
-                with (tmp / name).open("wb") as f:
-                    f.truncate(size)
+        _preallocate(tmp, offsets, files)
     dist.barrier()
     extract_features(model, split, tmp, offsets, list(range(dist.rank, len(split), dist.world)), progress)
     dist.barrier()
-    manifest = {
+    manifest = _manifest(model, split, key, material, offsets, files)
+    if dist.rank == 0:
+        _publish(tmp, final, manifest)
+    dist.barrier()
+    return CachedFeatures(final, manifest, reused=False)
+
+
+def _plan_files(model: Any, split: TokenizedSplit) -> tuple[np.ndarray, dict[str, int]]:
+    """Example offsets into the position rows, and every cache file's size in bytes (known before extraction)."""
+    offsets = np.zeros(len(split) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(split.n_positions)
+    rows = max(int(offsets[-1]), 1)
+    storage = [_STORAGE[d] for d in member_dtypes(model)]
+    files = {
+        f"hidden_{i}.bin": rows * h * np.dtype(s[0]).itemsize
+        for i, (s, h) in enumerate(zip(storage, model.hidden_sizes))
+    }
+    files["gold.bin"] = rows * len(model.members) * 4
+    files["stats.bin"] = rows * stats_dim(len(model.members)) * 4
+    files["offsets.bin"] = offsets.nbytes
+    return offsets, files
+
+
+def _preallocate(tmp: Path, offsets: np.ndarray, files: dict[str, int]) -> None:
+    """A fresh ``tmp`` holding the offsets and every feature file at full size, after checking the disk has room."""
+    need, free = sum(files.values()), _disk_free(tmp.parent)
+    if need > free:
+        raise FeatureCacheError(
+            f"not enough disk space for the feature cache in {tmp.parent}: needs {need} bytes "
+            f"({human_bytes(need)}), {free} bytes ({human_bytes(free)}) free; pass --feature_cache_dir on a "
+            "larger disk, or --no_feature_cache to run the members every step"
+        )
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    offsets.tofile(tmp / "offsets.bin")
+    for name, size in files.items():
+        if name != "offsets.bin":
+            with (tmp / name).open("wb") as f:
+                f.truncate(size)
+
+
+def _manifest(
+    model: Any, split: TokenizedSplit, key: str, material: dict[str, Any], offsets: np.ndarray, files: dict[str, int]
+) -> dict[str, Any]:
+    """What ``manifest.json`` records: the key and its ingredients, the shapes and the files' sizes."""
+    return {
         "format_version": FORMAT_VERSION,
         "key": key,
         "material": material,
         "n_examples": len(split),
-        "n_positions": p,
+        "n_positions": int(offsets[-1]),
         "n_members": len(model.members),
         "stats_dim": stats_dim(len(model.members)),
         "member_ids": list(model.model_ids),
         "hidden_sizes": list(model.hidden_sizes),
         "dtypes": [str(d) for d in member_dtypes(model)],
         "files": files,
-        "nbytes": need,
+        "nbytes": sum(files.values()),
     }
-    if dist.rank == 0:
-        atomic_write_json(tmp / MANIFEST, manifest)  # last: its presence marks the folder complete
-        if final.exists():  # a partial or stale folder under our key's name
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another run renamed a complete cache first: use it, drop ours
-            if _valid(final, key) is None:
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    return CachedFeatures(final, manifest, reused=False)
+
+
+def _publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest last (its presence marks ``tmp`` complete), then rename ``tmp`` to ``final``."""
+    atomic_write_json(tmp / MANIFEST, manifest)
+    if final.exists():  # a partial or stale folder under our key's name
+        shutil.rmtree(final)
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another run renamed a complete cache first: use it, drop ours
+        if _valid(final, manifest["key"]) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class LiveFeatures:
