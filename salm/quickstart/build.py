@@ -478,15 +478,70 @@ def say(message: str, progress: bool) -> None:
 
 
 def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
-    """Train everything into ``tmp``; the report (completion marker) is written last."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Train everything into ``tmp``; the report (completion marker) is written last.
 
+    Stages: corpora and tokenizer -> the general member, then the specialists from copies of it -> save
+    the member folders, ``members.yaml`` and the example files -> held-out evaluation -> the report.
+    """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    cfg = recipe.corpus
-    train_texts = {d: training_texts(d, cfg) for d in DOMAINS}
+    train_texts = {d: training_texts(d, recipe.corpus) for d in DOMAINS}
+    tokenizer = train_tokenizer(_tokenizer_texts(recipe, train_texts), recipe.vocab_size, tmp / "tokenizer")
+    streams = [_token_stream(tokenizer, train_texts[d]) for d in DOMAINS]
+    timings["tokenizer_and_data"] = time.perf_counter() - t0
+    sizes = {d: len(s) for d, s in zip(DOMAINS, streams)}
+    say(f"tokenizer: {len(tokenizer)} tokens; training tokens {sizes}", progress)
 
-    # Tokenizer: an equal share of each domain's training text, so no domain starves of merges.
+    models, curves = _train_members(recipe, tokenizer, streams, timings, progress)
+
+    t = time.perf_counter()
+    params = _save_members(tmp, models, tokenizer)
+    write_example_files(tmp / "data", dict(zip(SPLITS, recipe.example_counts)), seed=recipe.seed, config=recipe.corpus)
+    timings["save"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    held_out, problems = _held_out(recipe)
+    results = {
+        member: {
+            "parameters": params[member],
+            "nll": {d: round(answer_nll(model, tokenizer, held_out[d], d), 4) for d in DOMAINS},
+            "math_accuracy": round(math_accuracy(model, tokenizer, problems), 4),
+            "final_train_loss": round(sum(curves[member][-20:]) / len(curves[member][-20:]), 4),
+        }
+        for member, model in models.items()
+    }
+    timings["evaluate"] = time.perf_counter() - t
+    checks = _checks(recipe, results)
+    timings["total"] = time.perf_counter() - t0
+
+    report = {
+        "recipe_hash": digest,
+        "size": recipe.size,
+        "recipe": recipe.to_json(),
+        "build_version": BUILD_VERSION,
+        "torch_threads": torch.get_num_threads(),
+        "tokenizer_vocab": len(tokenizer),
+        "train_tokens": sizes,
+        "eval": {
+            "split": "test",
+            "nll_examples": {d: len(v) for d, v in held_out.items()},
+            "math_problems": len(problems),
+            "nll_unit": "nats per answer token (EOS included), prompt rendered as by salm.data",
+        },
+        "members": results,
+        "checks": checks,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    (tmp / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
+    (tmp / COMPLETE_MARKER).write_text(json.dumps(report, indent=2) + "\n")
+    for name, ok in checks.items():
+        if not ok:
+            logger.warning("quickstart build check failed: %s", name)
+
+
+def _tokenizer_texts(recipe: Recipe, train_texts: dict[str, list[str]]) -> list[str]:
+    """An equal share (``tokenizer_chars_per_domain``) of each domain's training text, so no domain starves
+    of merges."""
     tok_texts: list[str] = []
     for d in DOMAINS:
         budget = recipe.tokenizer_chars_per_domain
@@ -495,11 +550,15 @@ def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
                 break
             tok_texts.append(text[:budget])
             budget -= len(text)
-    tokenizer = train_tokenizer(tok_texts, recipe.vocab_size, tmp / "tokenizer")
-    streams = [_token_stream(tokenizer, train_texts[d]) for d in DOMAINS]
-    timings["tokenizer_and_data"] = time.perf_counter() - t0
-    sizes = {d: len(s) for d, s in zip(DOMAINS, streams)}
-    say(f"tokenizer: {len(tokenizer)} tokens; training tokens {sizes}", progress)
+    return tok_texts
+
+
+def _train_members(
+    recipe: Recipe, tokenizer, streams: list[TokenStream], timings: dict[str, float], progress: bool
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """The general member from scratch on the domain mix, then each specialist from a copy of it on its
+    domain (plus ``replay`` of the mix); the models and their loss curves."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shape = recipe.model
     config = Qwen2Config(
@@ -537,11 +596,15 @@ def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
         )
         models[member] = model
         timings[f"train_{member}"] = time.perf_counter() - t
+    return models, curves
 
-    t = time.perf_counter()
-    params: dict[str, int] = {}
+
+def _save_members(tmp: Path, models: dict[str, Any], tokenizer) -> dict[str, int]:
+    """Each member as a Hugging Face folder with its own copy of the tokenizer, and ``members.yaml``;
+    returns the parameter counts."""
     from transformers.utils import logging as hf_logging
 
+    params: dict[str, int] = {}
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar per member is noise here
     try:
@@ -558,26 +621,21 @@ def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
             hf_logging.enable_progress_bar()
     shutil.rmtree(tmp / "tokenizer")  # every member folder has its own identical copy
     _write_members_yaml(tmp / "members.yaml", params)
-    counts = dict(zip(SPLITS, recipe.example_counts))
-    write_example_files(tmp / "data", counts, seed=recipe.seed, config=cfg)
-    timings["save"] = time.perf_counter() - t
+    return params
 
-    # Held-out check that each specialist really is one (test split: never trained on).
-    t = time.perf_counter()
-    held_out = {d: make_examples(d, recipe.eval_nll_examples, seed=recipe.seed + 1, split="test", config=cfg)
-                for d in DOMAINS}  # fmt: skip
+
+def _held_out(recipe: Recipe) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[str, str]]]:
+    """Test-split examples per domain (never trained on) for the NLL table, and the math problems solved."""
+    cfg, seed = recipe.corpus, recipe.seed + 1
+    held_out = {d: make_examples(d, recipe.eval_nll_examples, seed=seed, split="test", config=cfg) for d in DOMAINS}
     problems = held_out["math"][: recipe.eval_math_problems]
     if len(problems) < recipe.eval_math_problems:
-        problems = make_examples("math", recipe.eval_math_problems, seed=recipe.seed + 1, split="test", config=cfg)
-    results: dict[str, dict[str, Any]] = {}
-    for member, model in models.items():
-        results[member] = {
-            "parameters": params[member],
-            "nll": {d: round(answer_nll(model, tokenizer, held_out[d], d), 4) for d in DOMAINS},
-            "math_accuracy": round(math_accuracy(model, tokenizer, problems), 4),
-            "final_train_loss": round(sum(curves[member][-20:]) / len(curves[member][-20:]), 4),
-        }
-    timings["evaluate"] = time.perf_counter() - t
+        problems = make_examples("math", recipe.eval_math_problems, seed=seed, split="test", config=cfg)
+    return held_out, problems
+
+
+def _checks(recipe: Recipe, results: dict[str, dict[str, Any]]) -> dict[str, bool]:
+    """That each specialist really is one: best on its own domain (and, beyond tiny builds, at math)."""
     nll = {m: r["nll"] for m, r in results.items()}
     checks = {
         "code_specialist_best_on_code": nll["code"]["code"] < min(nll["general"]["code"], nll["math"]["code"]),
@@ -588,30 +646,7 @@ def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
     }
     if recipe.size == "tiny":  # seconds of training learn the answer format, not the sums: every member ~0%
         del checks["math_specialist_best_accuracy"]
-    timings["total"] = time.perf_counter() - t0
-    report = {
-        "recipe_hash": digest,
-        "size": recipe.size,
-        "recipe": recipe.to_json(),
-        "build_version": BUILD_VERSION,
-        "torch_threads": torch.get_num_threads(),
-        "tokenizer_vocab": len(tokenizer),
-        "train_tokens": {d: len(s) for d, s in zip(DOMAINS, streams)},
-        "eval": {
-            "split": "test",
-            "nll_examples": {d: len(v) for d, v in held_out.items()},
-            "math_problems": len(problems),
-            "nll_unit": "nats per answer token (EOS included), prompt rendered as by salm.data",
-        },
-        "members": results,
-        "checks": checks,
-        "seconds": {k: round(v, 2) for k, v in timings.items()},
-    }
-    (tmp / "recipe.json").write_text(json.dumps(recipe.to_json(), indent=2) + "\n")
-    (tmp / COMPLETE_MARKER).write_text(json.dumps(report, indent=2) + "\n")
-    for name, ok in checks.items():
-        if not ok:
-            logger.warning("quickstart build check failed: %s", name)
+    return checks
 
 
 @contextlib.contextmanager
