@@ -3,6 +3,10 @@
 Token-level routing only makes sense when every member reads and writes the same token ids, so the
 tokenizer check here is strict (identical token->id maps) while cosmetic differences (eos/pad
 settings, chat templates) of community finetunes are only warned about.
+
+Member sets live in one place each way: :func:`load_member_set` reads a YAML/JSON file,
+:func:`write_member_set` writes one (every builder uses it). Member ids and their aliases are resolved
+only by :func:`resolve_member_id`, over the members actually loaded.
 """
 
 from __future__ import annotations

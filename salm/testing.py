@@ -1,6 +1,8 @@
 """Tiny random members built offline, for tests and benchmarks (no hub, no GPU).
 
-They go through exactly the same loading path as hub models: ordinary Hugging Face folders.
+They go through exactly the same loading path as hub models: ordinary Hugging Face folders. The tokenizer
+comes from saLM's one BPE builder (:func:`salm.quickstart.build.train_tokenizer`) and member-set files from
+:func:`salm.members.write_member_set` (re-exported here); helpers that only tests use live in ``tests/conftest.py``.
 """
 
 from __future__ import annotations

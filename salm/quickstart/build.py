@@ -4,6 +4,7 @@ The recipe mirrors a real trio (a general model plus two finetunes of it): one B
 on all three domains, a ``general`` member is trained on their mix, and copies of it continue training
 on a single domain each to become the ``code`` and ``math`` specialists. Everything is ordinary Hugging
 Face folders plus a ``members.yaml``, so the rest of saLM treats them exactly like downloaded models.
+:func:`train_tokenizer` is saLM's one BPE tokenizer builder (also the knowledge split's and the tests').
 
 Builds are cached under ``<cache>/quickstart/<size>-<recipe hash>`` and written atomically (temporary
 sibling folder, then ``os.replace``), so a crashed build is never mistaken for a finished one.
