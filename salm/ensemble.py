@@ -507,6 +507,8 @@ _JOINT_IN = "joint_router.stats_projection.weight"  # [head_hidden_dim, F]: tell
 
 def _with_overrides(config: HeadConfig, **fields: Any) -> HeadConfig:
     """``config`` with the fields given (not None) replaced: the seed's keyword arguments over a HeadConfig."""
+    if not isinstance(config, HeadConfig):
+        raise HeadConfigError(f"head_config must be a salm.heads.HeadConfig, got {type(config).__name__}")
     given = {k: v for k, v in fields.items() if v is not None}
     return dataclasses.replace(config, **given) if given else config
 

@@ -100,6 +100,8 @@ def test_head_config_builds_the_heads_and_is_saved(tiny_ensemble, tmp_path):
     )
     with pytest.raises(HeadConfigError, match="HeadConfig.hidden_dim must be an integer >= 2, got 0"):
         MultiModelWithScalarHeads(["no-such-member"], head_hidden_dim=0)
+    with pytest.raises(HeadConfigError, match="head_config must be a salm.heads.HeadConfig, got dict"):
+        MultiModelWithScalarHeads(["no-such-member"], head_config={"hidden_dim": 16})
     ens.save_pretrained(tmp_path / "heads")
     saved = json.loads((tmp_path / "heads" / "salm_config.json").read_text())
     assert saved["heads"] == {"hidden_dim": 16, "dropout": 0.3, "norm": "layer", "router": "confidence"}
