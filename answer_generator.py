@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from salm.cli import add_model_arguments, load_ensemble
+from salm.commands.common import add_model_arguments, ensemble_from_flags
 from salm.data import build_prompt
 from salm.ensemble import WeightsError
 from salm.generation import GenerationError, check_decoding
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: no trained heads at {DEFAULT_WEIGHTS}; routing with UNTRAINED heads", file=sys.stderr)
     try:
         check_decoding(args.max_tokens, args.temperature, routing=args.routing, seed=args.seed)  # before loading
-        model = load_ensemble(args, weights)
+        model = ensemble_from_flags(args, weights)
         out = model.generate(
             build_prompt(args.question), max_new_tokens=args.max_tokens, temperature=args.temperature,
             routing=args.routing, seed=args.seed, return_outputs=True,

@@ -1,4 +1,5 @@
-"""The ``salm`` command: parses flags and hands them to the step modules. No logic lives here."""
+"""The ``salm`` command: the dispatcher at the top. Each command lives in :mod:`salm.commands` (its flags and a
+``run(args)`` that builds configs and calls the library); only the chosen command's module is imported."""
 
 from __future__ import annotations
 
@@ -16,94 +17,17 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 
 # command -> (module, help); each module defines add_arguments(parser) and run(args) -> int | None
 COMMANDS = {
-    "train": ("salm.training", "train the routing heads on frozen members"),
-    "evaluate": ("salm.evaluation.runner", "evaluate the ensemble against each member"),
-    "generate": ("salm.cli", "generate a routed answer, tokens coloured by member"),
-    "quickstart": ("salm.quickstart.run", "the whole pipeline offline on the small embedded default"),
+    "train": ("salm.commands.train", "train the routing heads on frozen members"),
+    "evaluate": ("salm.commands.evaluate", "evaluate the ensemble against each member"),
+    "generate": ("salm.commands.generate", "generate a routed answer, tokens coloured by member"),
+    "quickstart": ("salm.commands.quickstart", "the whole pipeline offline on the small embedded default"),
     "knowledge": (
-        "salm.quickstart.knowledge",
+        "salm.commands.knowledge",
         "knowledge-split benchmark: does the router pick the member that knows?",
     ),
-    "harness": ("salm.harness.command", "the ensemble and each member through lm-evaluation-harness"),
-    "serve": ("salm.serve", "an OpenAI-compatible server with continuous batching and a playground page"),
+    "harness": ("salm.commands.harness", "the ensemble and each member through lm-evaluation-harness"),
+    "serve": ("salm.commands.serve", "an OpenAI-compatible server with continuous batching and a playground page"),
 }
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every command that loads members shares."""
-    g = parser.add_argument_group("members")
-    g.add_argument("--models", default=None, help="member-set file (YAML/JSON); default: the Qwen2.5-1.5B trio")
-    g.add_argument("--device", default=None, help="cuda, cpu or mps (default: best available)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="members' dtype")
-    g.add_argument("--trust_remote_code", action="store_true", help="allow members' custom code (off by default)")
-
-
-def load_ensemble(args: argparse.Namespace, weights: str | None = None, **kwargs):
-    """The ensemble the flags describe: fresh heads, or trained heads from ``weights``."""
-    from salm.ensemble import MultiModelWithScalarHeads
-
-    common = dict(device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    if weights:
-        return MultiModelWithScalarHeads.from_pretrained(weights_path=weights, base_models=args.models, **common)
-    return MultiModelWithScalarHeads(args.models, **common, **kwargs)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``salm generate``."""
-    parser.add_argument("prompt", nargs="+", help="the question or prompt text")
-    add_model_arguments(parser)
-    parser.add_argument("--weights", "--weights_path", dest="weights", default=None, help="trained heads")
-    parser.add_argument("--max_new_tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--routing", default="argmax", help="argmax | mixture | threshold:<p> | member:<id>")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument(
-        "--raw", action="store_true", help="send the prompt as is (default: the Question/Answer template)"
-    )
-    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument(
-        "--compile", action="store_true", help="static caches + torch.compile'd decode step (pays a warm-up first)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from salm.data import build_prompt
-    from salm.display import legend, member_shares, print_decisions, use_colour
-    from salm.generation import check_decoding
-
-    check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.routing, args.stop, args.seed)
-    model = load_ensemble(args, args.weights)
-    text = " ".join(args.prompt)
-    prompt = text if args.raw else build_prompt(text)
-    colour = use_colour(sys.stdout)
-    print(legend(model.model_ids, colour), file=sys.stderr)
-    tokens = model.stream(
-        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop, compile=args.compile,
-    )  # fmt: skip
-    printed = print_decisions(tokens, model.model_ids, sys.stdout, colour)
-    if not printed:
-        print("(no tokens: the first token chosen was an end-of-sequence token)", file=sys.stderr)
-    else:
-        shares = member_shares(printed, model.model_ids)
-        print(", ".join(f"{m} {v:.0%}" for m, v in shares.items()) + f" of {len(printed)} tokens", file=sys.stderr)
-    if args.compile:
-        print_warmups(model)
-    return 0
-
-
-def print_warmups(model) -> None:
-    """What ``--compile`` cost up front: one line per compiled shape bucket."""
-    from salm.fast_decode import warmup_report
-
-    for w in warmup_report(model):
-        print(
-            f"compiled the decode step of {', '.join(w.members)} (batch {w.batch}, cache {w.cache_len}) "
-            f"in {w.seconds:.1f}s",
-            file=sys.stderr,
-        )
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -649,3 +649,23 @@ def config_members(config: dict[str, Any]) -> list[ModelInfo]:
         kw.setdefault("name", kw["id"])
         members.append(ModelInfo(**kw))
     return members
+
+
+def load_ensemble(
+    models: Sequence[ModelInfo] | str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> MultiModelWithScalarHeads:
+    """The ensemble of ``models`` (a member-set file, ModelInfos, or None: the default trio, or the members
+    ``weights``' config names) with trained heads from ``weights``, or fresh heads (``kwargs``) without.
+
+    The one loader every command and entry point calls, so none of them builds an ensemble its own way.
+    """
+    common = dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    if weights:
+        return MultiModelWithScalarHeads.from_pretrained(weights_path=weights, base_models=models, **common, **kwargs)
+    return MultiModelWithScalarHeads(models, **common, **kwargs)

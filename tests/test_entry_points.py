@@ -66,7 +66,30 @@ def test_seed_import_paths():
 
 def test_cli_help_imports_no_step_module():
     code = "from salm.cli import build_parser; build_parser([]).format_help()"
-    assert modules_imported_by(code, ("torch", "salm.training", "salm.evaluation.runner")) == []
+    heavy = ("torch", "salm.training", "salm.evaluation.runner", "salm.commands.train")
+    assert modules_imported_by(code, heavy) == []
+
+
+def test_no_library_module_imports_the_command_layer_or_argparse():
+    """Commands sit on top of the library: below salm/cli.py and salm/commands/ nothing imports them,
+    and nothing parses flags (the library takes typed configs, never an argparse Namespace)."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "salm").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel == "salm/cli.py" or rel.startswith("salm/commands/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name == "argparse" or name.split(".")[:2] in (["salm", "cli"], ["salm", "commands"]):
+                    offenders.append(f"{rel}:{node.lineno} imports {name}")
+    assert offenders == []
 
 
 def test_seed_train_script_runs_without_an_install(tmp_path):

@@ -197,7 +197,8 @@ def test_evaluate_cli_fails_before_loading_members_when_locked(tiny_infos, tmp_p
     argv = ["evaluate", "--models", str(members), "--data", f"qa={data}", "--datasets", "qa", "--output_dir", str(out),
             "--device", "cpu", "--max_new_tokens", "2", "--no_plots"]  # fmt: skip
     th_ready, th_release = threading.Event(), threading.Event()
-    monkeypatch.setattr("salm.cli.load_ensemble", lambda *a, **k: pytest.fail("members loaded despite the lock"))
+    fail = lambda *a, **k: pytest.fail("members loaded despite the lock")  # noqa: E731
+    monkeypatch.setattr("salm.commands.common.ensemble_from_flags", fail)
 
     def hold():
         with output_lock(out):

@@ -362,10 +362,12 @@ def test_cli_matches_the_seed_command(setup, tmp_path):
 def test_cli_errors_are_one_line_and_exit_2(setup, tmp_path, capsys):
     import argparse
 
+    from salm.commands import train as train_command
+
     parser = argparse.ArgumentParser()
-    training.add_arguments(parser)
+    train_command.add_arguments(parser)
     args = parser.parse_args(["--datasets", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path)])
-    assert training.run(args) == 2
+    assert train_command.run(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("salm train: error:") and "missing.jsonl" in err
 

@@ -463,11 +463,8 @@ def _load_ensemble(
     models: str | None, weights: str | None, dtype: str | None, device: str | None, trust: bool, warn: bool = True
 ) -> Any:
     """The ensemble from a member-set file and heads; untrained heads only make sense for ``member:<id>``."""
-    from salm.ensemble import MultiModelWithScalarHeads
+    from salm.ensemble import load_ensemble
 
-    common = dict(device=device, dtype=dtype, trust_remote_code=trust)
-    if weights:
-        return MultiModelWithScalarHeads.from_pretrained(weights_path=weights, base_models=models, **common)
-    if warn:
+    if not weights and warn:
         logger.warning("salm: no weights= given, the routing heads are UNTRAINED (random): routed scores mean nothing")
-    return MultiModelWithScalarHeads(models, **common)
+    return load_ensemble(models, weights, device=device, dtype=dtype, trust_remote_code=trust)

@@ -14,7 +14,6 @@ tasks; any other lm-eval task name is passed through unchanged.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -41,35 +40,6 @@ PRIMARY_METRICS = {
 
 class HarnessError(ValueError):
     """Bad ``salm harness`` input (the message names the flag)."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from salm.cli import add_model_arguments
-
-    parser.add_argument("--weights", "--model_weights", dest="weights", default=None, help="trained heads")
-    parser.add_argument(
-        "--tasks",
-        default="gsm8k,medqa_4options,boolq",
-        help="comma-separated lm-eval task names (default: %(default)s)",
-    )
-    parser.add_argument("--num_fewshot", type=int, default=None, help="shots per question (default: each task's)")
-    parser.add_argument("--output_dir", default="harness_results")
-    parser.add_argument("--routing", default="argmax", help="the ensemble's routing: argmax | mixture | threshold:<p>")
-    parser.add_argument("--only_ensemble", action="store_true", help="skip the members' own runs")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_gen_toks", type=int, default=256, help="new tokens per generation (lm-eval's default)")
-    parser.add_argument(
-        "--limit", type=float, default=None, help="documents per task (lm-eval's --limit; testing only)"
-    )
-    parser.add_argument("--fewshot_seed", type=int, default=1234, help="lm-eval's fewshot_random_seed")
-    parser.add_argument(
-        "--data_dir",
-        default=None,
-        help="folder of the local gsm8k/medqa/boolq copies (default: $SALM_DATA_DIR, else ../shared/data)",
-    )
-    parser.add_argument("--hub", action="store_true", help="use lm-eval's own hub tasks even where a local copy exists")
-    parser.add_argument("--no_plots", action="store_true")
-    add_model_arguments(parser)
 
 
 def resolve_tasks(names: Sequence[str], data_dir: Path, hub: bool = False) -> dict[str, str]:
@@ -297,56 +267,3 @@ def run_harness(
     if plots:
         plot_comparison(rows, names, list(ensemble.model_ids), out / "comparison.png")
     return summary
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        print("salm harness: error: lm-eval is not installed; pip install 'salm[harness]'", file=sys.stderr)
-        return 2
-    from salm.generation import parse_routing
-    from salm.harness.adapter import process_state
-    from salm.harness.tasks.salm_local import data_dir as resolve_data_dir
-
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not names:
-        print("salm harness: error: --tasks is empty; e.g. --tasks gsm8k,medqa_4options,boolq", file=sys.stderr)
-        return 2
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        print(f"salm harness: error: --num_fewshot must be >= 0, got {args.num_fewshot}", file=sys.stderr)
-        return 2
-    if args.routing.startswith("member:"):
-        print("salm harness: error: --routing is the ensemble's; members are evaluated anyway", file=sys.stderr)
-        return 2
-    data_dir = resolve_data_dir({"data_dir": args.data_dir})
-    tasks = resolve_tasks(names, data_dir, args.hub)
-    if not args.weights:
-        print(
-            "=" * 78 + "\nWARNING: no --weights given: the routing heads are UNTRAINED (random).\n"
-            "The ensemble's numbers say nothing about saLM; pass --weights PATH for trained heads.\n" + "=" * 78,
-            file=sys.stderr,
-        )
-    state = process_state(args.device)
-    device = str(state.device) if state is not None else args.device
-    from salm.harness.adapter import _load_ensemble
-
-    ensemble = _load_ensemble(args.models, args.weights, args.dtype, device, args.trust_remote_code, warn=False)
-    parse_routing(args.routing, ensemble.infos)
-    settings = {
-        "routing": args.routing,
-        "num_fewshot": args.num_fewshot,
-        "fewshot_seed": args.fewshot_seed,
-        "limit": args.limit,
-        "batch_size": args.batch_size,
-        "max_gen_toks": args.max_gen_toks,
-        "weights": args.weights,
-        "data_dir": str(data_dir),
-    }
-    summary = run_harness(
-        ensemble, tasks, args.output_dir, settings, data_dir, args.only_ensemble, not args.no_plots, args.weights
-    )
-    if summary is not None:
-        print(render_comparison(summary["comparison"], list(summary["models"]), settings))
-        print(f"results in {args.output_dir} (comparison.md, comparison.json, <model>/results.json)")
-    return 0

@@ -24,7 +24,6 @@ the decisive token is routed to the member that knows.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import hashlib
@@ -32,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,26 +401,3 @@ def format_table(summary: dict[str, Any]) -> str:
             f" {r['decisive_routed_to_owner']:.3f} | {r['captured_share']} |"
         )
     return "\n".join(rows)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output_dir", default="salm_knowledge")
-    parser.add_argument("--size", choices=["default", "tiny"], default="default", help="tiny: seconds, for CI")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--members_dir", default=None, help="build/reuse the members here (default: the cache)")
-    parser.add_argument("--variants", nargs="+", default=None, choices=list(ROUTER_VARIANTS))
-    parser.add_argument("--num_epochs", type=int, default=20)
-
-
-def run(args: argparse.Namespace) -> int:
-    # Small members and heads on a shared CPU: one thread never stalls at OpenMP barriers (measured: heads
-    # training 1.8 s/step with two threads on a busy 2-core machine, milliseconds with one).
-    torch.set_num_threads(1)
-    try:
-        summary = run_knowledge(args.size, args.seed, args.output_dir, args.variants, args.members_dir,
-                                args.num_epochs)  # fmt: skip
-    except (FileExistsError, ValueError) as e:
-        print(f"salm knowledge: error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(summary))
-    return 0

@@ -1,56 +1,39 @@
 """``salm serve``: the ensemble behind an OpenAI-compatible HTTP API, with a playground page.
 
-Only argparse is imported here, so ``salm --help`` stays instant; FastAPI, uvicorn and torch load when
-the server starts (``pip install 'salm[serve]'``).
+Nothing heavy is imported here; FastAPI, uvicorn and torch load when the server starts
+(``pip install 'salm[serve]'``). The command's flags live in :mod:`salm.commands.serve`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from salm.cli import add_model_arguments
+def serve(
+    model: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "salm",
+    api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    shutdown_grace: float = 10.0,
+) -> None:
+    """Serve ``model`` (a loaded ensemble) until SIGINT/SIGTERM: the engine, the app, uvicorn."""
+    import uvicorn
 
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--weights", "--weights_path", dest="weights", required=True,
-        help="trained heads (a saLM folder); without --models its config names the members",
-    )  # fmt: skip
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--model_name", default="salm", help="the ensemble's id in /v1/models and requests")
-    parser.add_argument("--max_batch", type=int, default=16, help="requests decoded together")
-    parser.add_argument("--max_queue", type=int, default=64, help="requests waiting beyond max_batch (then 429)")
-    parser.add_argument(
-        "--shutdown_grace", type=float, default=10.0,
-        help="seconds in-flight requests may finish after SIGTERM before they are cancelled",
-    )  # fmt: skip
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise SystemExit(f"salm serve needs the serve extra: pip install 'salm[serve]' ({e})") from e
-    from salm.cli import load_ensemble
     from salm.serve.app import create_app
     from salm.serve.engine import Engine
 
-    model = load_ensemble(args, args.weights)
-    engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue)
-    app = create_app(engine, model_name=args.model_name, api_key=args.api_key)
-    config = uvicorn.Config(
-        app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_grace, log_level="info"
-    )
-    print(f"saLM serving {model.model_ids} as {args.model_name!r} at http://{args.host}:{args.port}/", flush=True)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    app = create_app(engine, model_name=model_name, api_key=api_key)
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace, log_level="info")
+    print(f"saLM serving {model.model_ids} as {model_name!r} at http://{host}:{port}/", flush=True)
     _Server(config).run()
-    return 0
 
 
 def _server_class():

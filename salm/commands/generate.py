@@ -1,0 +1,53 @@
+"""``salm generate``: one routed answer, streamed to the terminal with each token coloured by its member."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from salm.commands import common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", nargs="+", help="the question or prompt text")
+    common.add_model_arguments(parser)
+    parser.add_argument("--weights", "--weights_path", dest="weights", default=None, help="trained heads")
+    parser.add_argument("--max_new_tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--routing", default="argmax", help="argmax | mixture | threshold:<p> | member:<id>")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--raw", action="store_true", help="send the prompt as is (default: the Question/Answer template)"
+    )
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument(
+        "--compile", action="store_true", help="static caches + torch.compile'd decode step (pays a warm-up first)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from salm.data import build_prompt
+    from salm.display import legend, member_shares, print_decisions, use_colour
+    from salm.generation import check_decoding
+
+    check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.routing, args.stop, args.seed)
+    model = common.ensemble_from_flags(args, args.weights)
+    text = " ".join(args.prompt)
+    prompt = text if args.raw else build_prompt(text)
+    colour = use_colour(sys.stdout)
+    print(legend(model.model_ids, colour), file=sys.stderr)
+    tokens = model.stream(
+        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop, compile=args.compile,
+    )  # fmt: skip
+    printed = print_decisions(tokens, model.model_ids, sys.stdout, colour)
+    if not printed:
+        print("(no tokens: the first token chosen was an end-of-sequence token)", file=sys.stderr)
+    else:
+        shares = member_shares(printed, model.model_ids)
+        print(", ".join(f"{m} {v:.0%}" for m, v in shares.items()) + f" of {len(printed)} tokens", file=sys.stderr)
+    if args.compile:
+        common.print_warmups(model)
+    return 0

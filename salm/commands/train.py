@@ -1,0 +1,90 @@
+"""``salm train`` (and the seed's ``python src/train.py``): flags -> :class:`salm.training.TrainConfig` -> train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from salm.commands import common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed's flags with its defaults, plus the data, cache and logging options; defaults are TrainConfig's."""
+    from salm.heads import ROUTERS
+    from salm.io import CACHE_ENV
+    from salm.training import CHECKPOINT, DEFAULT_DATASETS, TrainConfig
+
+    d = TrainConfig()
+    parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), help="hub ids or local files")
+    parser.add_argument("--output_dir", default=d.output_dir)
+    parser.add_argument("--num_epochs", type=int, default=d.num_epochs)
+    parser.add_argument("--batch_size", type=int, default=d.batch_size, help="examples per optimizer step")
+    parser.add_argument("--learning_rate", type=float, default=d.learning_rate)
+    parser.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--entropy_weight", type=float, default=d.entropy_weight, help="router entropy bonus (>= 0)")
+    parser.add_argument("--head_hidden_dim", type=int, default=d.head_hidden_dim)
+    parser.add_argument("--head_dropout", type=float, default=d.head_dropout)
+    parser.add_argument(
+        "--router", choices=list(ROUTERS), default=d.router,
+        help="seed: heads on each member's hidden state; confidence: + every member's next-token statistics; "
+        "joint: one router over all members' hidden states and statistics",
+    )  # fmt: skip
+    parser.add_argument(
+        "--disagreement_weight", type=float, default=d.disagreement_weight,
+        help="loss weight of positions where the members' argmax tokens differ (1 = the plain mixture NLL)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--log_every_n_steps", type=int, default=d.log_every_n_steps)
+    common.add_model_arguments(parser)
+    parser.add_argument("--max_length", type=int, default=d.max_length, help="tokens per example (prompt+answer)")
+    parser.add_argument("--val_fraction", type=float, default=d.val_fraction, help="held out when no val split")
+    parser.add_argument("--max_examples", type=int, default=None, help="first N rows per dataset (quick runs)")
+    parser.add_argument(
+        "--loss_on", choices=["answer", "all"], default=d.loss_on, help="answer tokens only, or the whole text"
+    )
+    parser.add_argument("--report_to", choices=["none", "wandb", "tensorboard"], default=d.report_to)
+    parser.add_argument("--resume", action="store_true", help=f"continue from <output_dir>/{CHECKPOINT}")
+    parser.add_argument("--no_feature_cache", action="store_true", help="run the members every step (slow)")
+    parser.add_argument(
+        "--feature_cache_dir", default=None, help=f"default: <output_dir>/feature_cache, or ${CACHE_ENV}/features"
+    )
+    parser.add_argument("--no_plots", action="store_true", help="skip loss_curves.png and routing_share.png")
+    parser.add_argument(
+        "--allow_negative_entropy_weight", action="store_true", help="accept --entropy_weight < 0 (an entropy penalty)"
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """The :class:`TrainConfig` the flags describe (flag names are its field names; ``--no_X`` negate ``X``)."""
+    from salm.training import TrainConfig
+
+    kw = {k: v for k, v in vars(args).items() if k in TrainConfig.flat_names()}
+    kw["feature_cache"] = not args.no_feature_cache
+    kw["plots"] = not args.no_plots
+    if kw.get("models") is not None:
+        kw["models"] = str(kw["models"])
+    return TrainConfig.from_flat(**kw)
+
+
+def run(args: argparse.Namespace) -> int:
+    from salm.data import DataFormatError, DatasetUnavailableError
+    from salm.features import FeatureCacheError, TokenizationError
+    from salm.io import OutputLockedError
+    from salm.training import BEST_DIR, BEST_HEADS, TrainingError, train
+
+    try:
+        result = train(config_from_args(args))
+    except (
+        TrainingError, TokenizationError, FeatureCacheError, DataFormatError, DatasetUnavailableError,
+        FileNotFoundError, IsADirectoryError, OutputLockedError,
+    ) as e:  # fmt: skip
+        print(f"salm train: error: {e}", file=sys.stderr)
+        return 2
+    if result.report is not None:
+        saved = [str(result.output_dir / f) for f in (BEST_DIR, BEST_HEADS) if (result.output_dir / f).exists()]
+        print(
+            f"best val NLL {result.best_val_nll:.4f} (epoch {result.best_epoch}); "
+            + (f"heads in {' and '.join(saved)}" if saved else "no best heads were saved"),
+            file=sys.stderr,
+        )
+    return 0
