@@ -12,7 +12,7 @@ from pathlib import Path
 from salm.commands.common import add_model_arguments, ensemble_from_flags
 from salm.data import build_prompt
 from salm.ensemble import WeightsError
-from salm.generation import GenerationError, check_decoding
+from salm.generation import DecodeConfig, GenerationError
 from salm.io import atomic_write_json
 from salm.members import MemberError
 
@@ -37,12 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     if weights is None:
         print(f"warning: no trained heads at {DEFAULT_WEIGHTS}; routing with UNTRAINED heads", file=sys.stderr)
     try:
-        check_decoding(args.max_tokens, args.temperature, routing=args.routing, seed=args.seed)  # before loading
+        config = DecodeConfig(
+            max_new_tokens=args.max_tokens, temperature=args.temperature, routing=args.routing, seed=args.seed
+        ).validate()  # before loading
         model = ensemble_from_flags(args, weights)
-        out = model.generate(
-            build_prompt(args.question), max_new_tokens=args.max_tokens, temperature=args.temperature,
-            routing=args.routing, seed=args.seed, return_outputs=True,
-        )  # fmt: skip
+        out = model.generate(build_prompt(args.question), config=config, return_outputs=True)
     except (MemberError, WeightsError, GenerationError) as e:
         print(f"answer_generator: error: {e}", file=sys.stderr)
         return 2

@@ -13,10 +13,10 @@ import dataclasses
 import inspect
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import nn
 
 from salm import __version__
 from salm.confidence import confidence_stats, stats_dim
+from salm.generation import FROM_CONFIG
 from salm.heads import HeadConfig, HeadConfigError, JointRouter, ScalarProjectionHead
 from salm.io import atomic_dir, atomic_write_json
 from salm.members import (
@@ -40,6 +41,9 @@ from salm.members import (
     resolve_member_id,
     resolve_models,
 )
+
+if TYPE_CHECKING:
+    from salm.generation import DecodeConfig, TokenDecision
 
 CONFIG_NAME = "salm_config.json"
 WEIGHTS_NAME = "heads.safetensors"
@@ -391,19 +395,77 @@ class MultiModelWithScalarHeads(nn.Module):
         return out
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt=None, *args, **kwargs):
-        """Routed generation; see :func:`salm.generation.generate` for every argument."""
+    def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        max_new_tokens: int = FROM_CONFIG,
+        temperature: float = FROM_CONFIG,
+        top_p: float = FROM_CONFIG,
+        top_k: int = FROM_CONFIG,
+        routing: str = FROM_CONFIG,
+        return_decisions: bool = False,
+        stop: str | Sequence[str] | None = FROM_CONFIG,
+        seed: int | None = FROM_CONFIG,
+        use_cache: bool = True,
+        truncate: str | None = FROM_CONFIG,
+        batch_size: int | None = None,
+        streamer: Any = None,
+        return_outputs: bool = False,
+        progress: bool = False,
+        cache_implementation: str = FROM_CONFIG,
+        compile: bool = FROM_CONFIG,
+        *,
+        config: DecodeConfig | None = None,
+        input_texts: str | Sequence[str] | None = None,
+    ) -> Any:
+        """Routed generation of one prompt (returns a string) or a list of prompts (a list, in order).
+
+        Settings come from ``config`` (a :class:`salm.generation.DecodeConfig`; default: its defaults); each
+        decoding argument given overrides it (the default, ``FROM_CONFIG``, keeps the config's value):
+        ``max_new_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``routing`` (``argmax`` |
+        ``mixture`` | ``threshold:<p>`` | ``member:<id>``), ``stop``, ``seed``, ``truncate``,
+        ``cache_implementation``, ``compile``.
+        ``return_decisions`` gives dicts with each token's member and routing probabilities,
+        ``return_outputs`` :class:`salm.generation.GenerationOutput` objects; ``batch_size``, ``streamer``,
+        ``use_cache`` and ``progress`` are :func:`salm.generation.generate`'s. ``input_texts`` is the seed's
+        name for ``prompt``.
+        """
         from salm.generation import generate
 
-        if prompt is None and "input_texts" in kwargs:
-            prompt = kwargs.pop("input_texts")
-        return generate(self, prompt, *args, **kwargs)
+        if prompt is None:
+            prompt = input_texts
+        return generate(
+            self, prompt, max_new_tokens, temperature, top_p, top_k, routing, return_decisions, stop, seed,
+            use_cache, truncate, batch_size, streamer, return_outputs, progress, cache_implementation, compile,
+            config=config,
+        )  # fmt: skip
 
-    def stream(self, prompt: str, **kwargs):
-        """Yield generated tokens one at a time (with their member and routing probabilities)."""
+    def stream(
+        self,
+        prompt: str,
+        *,
+        config: DecodeConfig | None = None,
+        max_new_tokens: int = FROM_CONFIG,
+        temperature: float = FROM_CONFIG,
+        top_p: float = FROM_CONFIG,
+        top_k: int = FROM_CONFIG,
+        routing: str = FROM_CONFIG,
+        stop: str | Sequence[str] | None = FROM_CONFIG,
+        seed: int | None = FROM_CONFIG,
+        truncate: str | None = FROM_CONFIG,
+        cache_implementation: str = FROM_CONFIG,
+        compile: bool = FROM_CONFIG,
+        use_cache: bool = True,
+    ) -> Iterator[TokenDecision]:
+        """Yield one prompt's generated tokens as they are made (each with its member and routing
+        probabilities); the settings are :meth:`generate`'s. Leaving the loop early stops decoding."""
         from salm.generation import stream
 
-        return stream(self, prompt, **kwargs)
+        return stream(
+            self, prompt, config=config, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, routing=routing, stop=stop, seed=seed, truncate=truncate,
+            cache_implementation=cache_implementation, compile=compile, use_cache=use_cache,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ save / load
     def config_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,6 +22,18 @@ from salm.heads import heads_in_eval_mode
 from salm.members import ModelInfo, resolve_member_id
 
 ROUTING_MODES = ("argmax", "mixture", "threshold:<p>", "member:<id>")
+
+
+class _FromConfig:
+    """The default of every decoding argument of :func:`generate` and :func:`stream`: take the value from
+    the ``config`` (a :class:`DecodeConfig`). A sentinel rather than None, because None is a value some
+    settings take (``seed=None``, ``stop=None``) and a bad one for others (``routing=None`` is an error)."""
+
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+FROM_CONFIG: Any = _FromConfig()
 
 
 class GenerationError(ValueError):
@@ -167,6 +179,82 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+@dataclass
+class DecodeConfig:
+    """How to decode: every setting that decides the tokens, with its default in this one place.
+
+    ``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` are off. ``routing`` is ``argmax``,
+    ``mixture``, ``threshold:<p>`` or ``member:<id>`` (:func:`parse_routing`). ``stop`` strings end a row
+    and are cut from its text. ``seed`` fixes sampling (None: torch's global RNG). ``truncate="left"``
+    keeps a too-long prompt's end instead of raising. ``cache_implementation="static"`` decodes over
+    preallocated static caches, and ``compile=True`` (implies static) also compiles the decode step with
+    ``torch.compile`` (:mod:`salm.fast_decode`); both give the default path's tokens. The commands,
+    evaluation, the quickstart, the server and the harness adapter all build one of these;
+    :meth:`validate` is the one place the settings are checked, and needs no model, so the commands call
+    it before loading members.
+    """
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    routing: str = "argmax"
+    stop: str | Sequence[str] | None = None
+    seed: int | None = None
+    truncate: str | None = None
+    cache_implementation: str = "dynamic"
+    compile: bool = False
+
+    def validate(self) -> DecodeConfig:
+        """Raise :class:`GenerationError` naming the first bad setting (type, range, NaN); returns self.
+
+        A ``member:<id>`` routing's id is checked against the members later, by :func:`parse_routing`.
+        """
+        max_new_tokens, temperature, top_p, top_k = self.max_new_tokens, self.temperature, self.top_p, self.top_k
+        routing, stop, seed = self.routing, self.stop, self.seed
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if not _is_real(temperature):
+            raise GenerationError(f"temperature must be a number, got {type(temperature).__name__} {temperature!r}")
+        if not math.isfinite(temperature):
+            raise GenerationError(f"temperature must be finite (0 = greedy), got {temperature}")
+        if temperature < 0:
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not _is_real(top_p):
+            raise GenerationError(f"top_p must be a number, got {type(top_p).__name__} {top_p!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+        if not _is_int(top_k) or top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        if not isinstance(routing, str):
+            raise GenerationError(
+                f"routing must be a string ({', '.join(ROUTING_MODES)}), got {type(routing).__name__}"
+            )
+        if not routing.startswith("member:"):
+            parse_routing(routing, [])
+        if stop is not None and not isinstance(stop, str):
+            if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+                raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
+        if seed is not None and not _is_int(seed):
+            raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+        if self.cache_implementation not in ("dynamic", "static"):
+            raise GenerationError(
+                f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}"
+            )
+        if self.truncate not in (None, "left"):
+            raise GenerationError(f"truncate must be None or 'left', got {self.truncate!r}")
+        return self
+
+    @property
+    def stops(self) -> list[str]:
+        """``stop`` as a list (a single string is one stop string)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def merged(self, **overrides: Any) -> DecodeConfig:
+        """A copy with every override that is not :data:`FROM_CONFIG` applied."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not FROM_CONFIG})
+
+
 def check_decoding(
     max_new_tokens: Any = 1,
     temperature: Any = 1.0,
@@ -177,34 +265,12 @@ def check_decoding(
     seed: Any = None,
     batch_size: Any = None,
 ) -> None:
-    """Raise :class:`GenerationError` naming the first bad decoding argument (type, range, NaN).
+    """:meth:`DecodeConfig.validate` for loose values, plus the batch size (not a decoding setting)."""
+    DecodeConfig(max_new_tokens, temperature, top_p, top_k, routing, stop, seed).validate()
+    _check_batch_size(batch_size)
 
-    Needs no model, so the CLIs call it before loading members; a ``member:<id>`` routing's id is
-    checked against the members later, by :func:`parse_routing`.
-    """
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if not _is_real(temperature):
-        raise GenerationError(f"temperature must be a number, got {type(temperature).__name__} {temperature!r}")
-    if not math.isfinite(temperature):
-        raise GenerationError(f"temperature must be finite (0 = greedy), got {temperature}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if not _is_real(top_p):
-        raise GenerationError(f"top_p must be a number, got {type(top_p).__name__} {top_p!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if not _is_int(top_k) or top_k < 0:
-        raise GenerationError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-    if not isinstance(routing, str):
-        raise GenerationError(f"routing must be a string ({', '.join(ROUTING_MODES)}), got {type(routing).__name__}")
-    if not routing.startswith("member:"):
-        parse_routing(routing, [])
-    if stop is not None and not isinstance(stop, str):
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
-            raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
-    if seed is not None and not _is_int(seed):
-        raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+
+def _check_batch_size(batch_size: Any) -> None:
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise GenerationError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
 
@@ -401,49 +467,53 @@ def _stop_index(text: str, stop: Sequence[str]) -> int:
 def generate(
     model,
     prompt: str | Sequence[str] | None = None,
-    max_new_tokens: int = 200,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    routing: str = "argmax",
+    max_new_tokens: int = FROM_CONFIG,
+    temperature: float = FROM_CONFIG,
+    top_p: float = FROM_CONFIG,
+    top_k: int = FROM_CONFIG,
+    routing: str = FROM_CONFIG,
     return_decisions: bool = False,
-    stop: str | Sequence[str] | None = None,
-    seed: int | None = None,
+    stop: str | Sequence[str] | None = FROM_CONFIG,
+    seed: int | None = FROM_CONFIG,
     use_cache: bool = True,
-    truncate: str | None = None,
+    truncate: str | None = FROM_CONFIG,
     batch_size: int | None = None,
     streamer: Callable[[int, TokenDecision], None] | None = None,
     return_outputs: bool = False,
     progress: bool = False,
-    cache_implementation: str = "dynamic",
-    compile: bool = False,
+    cache_implementation: str = FROM_CONFIG,
+    compile: bool = FROM_CONFIG,
+    *,
+    config: DecodeConfig | None = None,
 ):
     """Generate with per-token routing.
+
+    The decoding settings come from ``config`` (default: :class:`DecodeConfig`'s defaults); each of
+    ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``routing``, ``stop``, ``seed``, ``truncate``,
+    ``cache_implementation`` and ``compile`` that is given overrides the config's value (the default,
+    :data:`FROM_CONFIG`, keeps it); the meaning of each is documented on :class:`DecodeConfig`.
 
     A string prompt returns a string, a list returns a list (in order). With ``return_decisions`` each
     result is a dict ``{"text", "token_ids", "stop_reason", "decisions"}`` where decisions list, per
     generated token, its text, id, the member that emitted it and every member's routing probability.
     ``return_outputs`` returns :class:`GenerationOutput` objects instead. Generation stops at any
     member's EOS id, at a ``stop`` string (cut from the text) or after ``max_new_tokens``.
-    ``temperature=0`` is greedy. ``streamer(row, decision)`` is called for every token as it is made.
-
-    ``cache_implementation="static"`` decodes over preallocated per-member static caches in fixed shapes;
-    ``compile=True`` (implies static) also compiles the whole decode step with ``torch.compile`` (CUDA graphs
-    on a GPU), paying a warm-up once per shape bucket (see :mod:`salm.fast_decode`); both emit the tokens of
-    the default path (greedy: identical up to floating-point ties). Without a working ``torch.compile`` it
-    warns once and decodes uncompiled.
+    ``streamer(row, decision)`` is called for every token as it is made. ``batch_size`` prompts are
+    decoded together (default: all); ``use_cache=False`` recomputes every step (the reference path).
+    Without a working ``torch.compile``, ``compile=True`` warns once and decodes uncompiled.
     """
     single = isinstance(prompt, str)
     prompts = _prompt_list(prompt)
-    check_decoding(max_new_tokens, temperature, top_p, top_k, routing, stop, seed, batch_size)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if cache_implementation not in ("dynamic", "static"):
-        raise GenerationError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
-    rt = parse_routing(routing, model.infos)
-    encoded = encode_prompts(model, prompts, truncate, room=max_new_tokens)
+    cfg = (config or DecodeConfig()).merged(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, routing=routing,
+        stop=stop, seed=seed, truncate=truncate, cache_implementation=cache_implementation, compile=compile,
+    ).validate()  # fmt: skip
+    _check_batch_size(batch_size)
+    rt = parse_routing(cfg.routing, model.infos)
+    encoded = encode_prompts(model, prompts, cfg.truncate, room=cfg.max_new_tokens)
     generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    if cfg.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(cfg.seed)
     # Sorting by length keeps padding small inside each batch; results go back in the caller's order.
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     bs = batch_size or len(prompts)
@@ -458,22 +528,7 @@ def generate(
     with heads_in_eval_mode():
         try:
             for rows in batches:
-                outs = _generate_batch(
-                    model,
-                    [encoded[i] for i in rows],
-                    max_new_tokens,
-                    rt,
-                    temperature,
-                    top_k,
-                    top_p,
-                    generator,
-                    use_cache,
-                    stops,
-                    streamer,
-                    rows,
-                    cache_implementation,
-                    compile,
-                )
+                outs = _generate_batch(model, [encoded[i] for i in rows], cfg, rt, generator, use_cache, streamer, rows)
                 for i, o in zip(rows, outs):
                     results[i] = o
                 if bar is not None:
@@ -492,32 +547,27 @@ def generate(
 
 def _generate_batch(
     model,
-    encoded,
-    max_new_tokens,
-    rt,
-    temperature,
-    top_k,
-    top_p,
-    generator,
-    use_cache,
-    stops,
-    streamer,
-    rows,
-    cache_implementation="dynamic",
-    compile=False,
+    encoded: list[list[int]],
+    cfg: DecodeConfig,
+    rt: Routing,
+    generator: torch.Generator | None,
+    use_cache: bool,
+    streamer: Callable[[int, TokenDecision], None] | None,
+    rows: list[int],
 ) -> list[GenerationOutput]:
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(model.eos_token_ids), 0)
     ids, mask = _left_pad(encoded, pad_id)
     B = len(encoded)
+    stops = cfg.stops
     gen: list[list[int]] = [[] for _ in range(B)]
     members: list[list[int]] = [[] for _ in range(B)]
     probs_hist: list[list[list[float]]] = [[] for _ in range(B)]
     reason = ["length"] * B
     done = [False] * B
     steps = decode_steps(
-        model, ids, mask, max_new_tokens, rt, temperature, top_k, top_p, generator, use_cache,
-        cache_implementation, compile, done,
+        model, ids, mask, cfg.max_new_tokens, rt, cfg.temperature, cfg.top_k, cfg.top_p, generator, use_cache,
+        cfg.cache_implementation, cfg.compile, done,
     )  # fmt: skip
     n_steps = 0
     for token, member, probs in steps:
@@ -540,7 +590,7 @@ def _generate_batch(
         if all(done):
             steps.close()
             break
-    if n_steps < max_new_tokens:
+    if n_steps < cfg.max_new_tokens:
         for r in range(B):
             if not done[r]:
                 reason[r] = "context"
@@ -568,13 +618,35 @@ class _Cancelled(Exception):
     """Raised inside the streaming worker when the consumer stopped iterating."""
 
 
-def stream(model, prompt: str, **kwargs) -> Iterator[TokenDecision]:
+def stream(
+    model,
+    prompt: str,
+    *,
+    config: DecodeConfig | None = None,
+    max_new_tokens: int = FROM_CONFIG,
+    temperature: float = FROM_CONFIG,
+    top_p: float = FROM_CONFIG,
+    top_k: int = FROM_CONFIG,
+    routing: str = FROM_CONFIG,
+    stop: str | Sequence[str] | None = FROM_CONFIG,
+    seed: int | None = FROM_CONFIG,
+    truncate: str | None = FROM_CONFIG,
+    cache_implementation: str = FROM_CONFIG,
+    compile: bool = FROM_CONFIG,
+    use_cache: bool = True,
+) -> Iterator[TokenDecision]:
     """Iterate over the tokens of one prompt as they are generated (for CLIs and notebooks).
 
-    Decoding runs on a daemon worker thread feeding a bounded queue, so the caller sees each token as soon
-    as it exists; an exception in the worker is re-raised here. Leaving the loop early (``break``, or
-    closing the iterator) cancels the worker at its next token.
+    The settings are :func:`generate`'s (``config``, each given one overriding it). Decoding runs on a
+    daemon worker thread feeding a bounded queue, so the caller sees each token as soon as it exists; an
+    exception in the worker is re-raised here. Leaving the loop early (``break``, or closing the iterator)
+    cancels the worker at its next token.
     """
+    kwargs = dict(
+        config=config, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        routing=routing, stop=stop, seed=seed, truncate=truncate, cache_implementation=cache_implementation,
+        compile=compile, use_cache=use_cache,
+    )  # fmt: skip
     import queue
     import threading
 

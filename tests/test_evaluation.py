@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from salm.evaluation.analysis import (
 )
 from salm.evaluation.runner import ENSEMBLE, EvalSettings, evaluate, evaluate_task, sample_examples
 from salm.evaluation.tasks import TASKS, Task, TaskRegistry, generic_task, score_auto, score_gsm8k_output
-from salm.generation import GenerationOutput, TokenDecision
+from salm.generation import DecodeConfig, GenerationOutput, TokenDecision
 from salm.testing import write_member_set
 from tests.conftest import fresh, math_examples
 
@@ -222,7 +223,7 @@ def test_heads_forced_to_member_k_give_member_ks_predictions(tiny_ensemble, tmp_
         ens.projection_heads[ens.model_ids[k]].non_linear_projection[-1].bias.fill_(100.0)
     arith = Task("arith", scorer=score_gsm8k_output)
     prose = Task("prose", scorer=None)  # NLL only: no generation
-    settings = EvalSettings(max_new_tokens=6, temperature=0.7, batch_size=2, **QUIET)
+    settings = EvalSettings(decode=DecodeConfig(max_new_tokens=6, temperature=0.7), batch_size=2, **QUIET)
     summary = evaluate(ens, [(arith, math_examples(3)), (prose, math_examples(2))], tmp_path, settings)
     rows = [json.loads(line) for line in (tmp_path / "arith" / "predictions.jsonl").read_text().splitlines()]
     ours = {r["id"]: r["output"] for r in rows if r["model"] == ENSEMBLE}
@@ -237,14 +238,16 @@ def test_heads_forced_to_member_k_give_member_ks_predictions(tiny_ensemble, tmp_
 def test_rerun_resumes_from_finished_generations(tiny_ensemble, tmp_path, monkeypatch):
     ens = fresh(tiny_ensemble, seed=3)
     arith = Task("arith", scorer=score_gsm8k_output)
-    settings = EvalSettings(max_new_tokens=5, temperature=0, batch_size=2, teacher_forced=False, **QUIET)
+    settings = EvalSettings(
+        decode=DecodeConfig(max_new_tokens=5, temperature=0), batch_size=2, teacher_forced=False, **QUIET
+    )
     first = evaluate(ens, [(arith, math_examples(3))], tmp_path, settings)
     stored = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "arith" / runner.GENERATIONS_DIR).iterdir())
     assert stored == sorted([ENSEMBLE, *ens.model_ids])
 
     calls = []
     real = ens.generate
-    monkeypatch.setattr(ens, "generate", lambda *a, **kw: calls.append(kw["routing"]) or real(*a, **kw))
+    monkeypatch.setattr(ens, "generate", lambda *a, **kw: calls.append(kw["config"].routing) or real(*a, **kw))
     second = evaluate(ens, [(arith, math_examples(3))], tmp_path, settings)
     assert calls == []  # everything was finished: nothing is generated again
     assert second["datasets"]["arith"]["models"] == first["datasets"]["arith"]["models"]
@@ -256,7 +259,8 @@ def test_rerun_resumes_from_finished_generations(tiny_ensemble, tmp_path, monkey
 
     # Other decoding settings or other heads are other generations.
     calls.clear()
-    evaluate(ens, [(arith, math_examples(3))], tmp_path, EvalSettings(**{**settings.__dict__, "max_new_tokens": 4}))
+    fewer_tokens = replace(settings, decode=replace(settings.decode, max_new_tokens=4))
+    evaluate(ens, [(arith, math_examples(3))], tmp_path, fewer_tokens)
     assert len(calls) == 1 + len(ens.model_ids)
     calls.clear()
     with torch.no_grad():

@@ -165,3 +165,43 @@ def test_parse_routing_alias():
     assert parse_routing("member:quen-25-15b-med", own).member == 1
     with pytest.raises(GenerationError, match=r"unknown member 'quen-25-15b-med'; members are \['x', 'y'\]"):
         parse_routing("member:quen-25-15b-med", ["x", "y"])
+
+
+def test_decode_config_equals_keywords_and_keywords_override_it(tiny_ensemble):
+    """``config=DecodeConfig(...)`` decodes exactly as the same settings given as keywords; a keyword given
+    beside a config wins; the seed's positional form (prompt, max_new_tokens, temperature) still works."""
+    from salm.generation import DecodeConfig
+
+    prompts = ["The cat", "A much longer prompt about dogs"]
+    kw = dict(max_new_tokens=5, temperature=0.8, top_k=20, seed=3, routing="mixture", stop=["zzz"])
+    by_keywords = tiny_ensemble.generate(prompts, **kw, return_outputs=True)
+    config = DecodeConfig(**kw)
+    by_config = tiny_ensemble.generate(prompts, config=config, return_outputs=True)
+    assert [o.token_ids for o in by_config] == [o.token_ids for o in by_keywords]
+    assert [o.decisions for o in by_config] == [o.decisions for o in by_keywords]
+    greedy = tiny_ensemble.generate(prompts[0], max_new_tokens=4, temperature=0)
+    overridden = dict(max_new_tokens=4, temperature=0, routing="argmax", stop=None, seed=None)
+    assert tiny_ensemble.generate(prompts[0], config=config, **overridden) == greedy
+    assert tiny_ensemble.generate(prompts[0], 4, 0) == greedy  # positional, as the seed called it
+    assert tiny_ensemble.generate(input_texts=prompts[0], max_new_tokens=4, temperature=0) == greedy
+    streamed = [d.token_id for d in tiny_ensemble.stream(prompts[1], config=config)]
+    assert streamed == tiny_ensemble.generate(prompts[1], **kw, return_outputs=True).token_ids
+    assert config == DecodeConfig(**kw)  # generate never changes the caller's config
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(routing=None), "routing must be a string .*got NoneType"),
+        (dict(cache_implementation="paged"), "cache_implementation must be 'dynamic' or 'static', got 'paged'"),
+        (dict(truncate="right"), "truncate must be None or 'left', got 'right'"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+    ],
+)
+def test_decode_config_validates_without_a_model_and_generate_rejects_it(tiny_ensemble, config, message):
+    from salm.generation import DecodeConfig
+
+    with pytest.raises(GenerationError, match=message):
+        DecodeConfig(**config).validate()
+    with pytest.raises(GenerationError, match=message):
+        tiny_ensemble.generate("hello", config=DecodeConfig(**config))

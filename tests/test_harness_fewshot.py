@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from salm.data import Example
 from salm.evaluation.runner import EvalSettings, evaluate, prepare_tasks
 from salm.evaluation.tasks import TASKS, draw_shots, generic_task
+from salm.generation import DecodeConfig
 from tests.conftest import write_task_data
 
 
@@ -63,8 +65,8 @@ def test_known_dataset_shots_come_from_its_train_split(tmp_path, monkeypatch):
 
 def test_every_model_gets_the_same_fewshot_prompt_and_it_is_recorded(tiny_ensemble, tmp_path):
     task = generic_task("arith", scorer=TASKS.get("gsm8k").scorer)
-    settings = EvalSettings(sample_size=2, num_fewshot=2, max_new_tokens=4, temperature=0, progress=False,
-                            plots=False, teacher_forced=False, batch_size=2, random_seed=3)  # fmt: skip
+    settings = EvalSettings(sample_size=2, num_fewshot=2, decode=DecodeConfig(max_new_tokens=4, temperature=0),
+                            progress=False, plots=False, teacher_forced=False, batch_size=2, random_seed=3)  # fmt: skip
     pool = _examples(6)
     summary = evaluate(tiny_ensemble, [(task, pool)], tmp_path, settings)
     result = summary["datasets"]["arith"]
@@ -79,7 +81,5 @@ def test_every_model_gets_the_same_fewshot_prompt_and_it_is_recorded(tiny_ensemb
         want = tiny_ensemble.generate(prompts, max_new_tokens=4, temperature=0, routing=routing,
                                       stop=list(task.stop), batch_size=2)  # fmt: skip
         assert [r["output"] for r in rows if r["model"] == name] == want
-    zero = evaluate(
-        tiny_ensemble, [(task, pool)], tmp_path / "zero", EvalSettings(**{**settings.__dict__, "num_fewshot": 0})
-    )
+    zero = evaluate(tiny_ensemble, [(task, pool)], tmp_path / "zero", replace(settings, num_fewshot=0))
     assert zero["datasets"]["arith"]["task"]["fewshot"] is None

@@ -20,17 +20,20 @@ logger = logging.getLogger("salm.evaluation.runner")  # the warnings keep the na
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``salm evaluate`` / ``python evaluate.py``: the seed's flags plus offline data and decoding options."""
-    from salm.evaluation.runner import CHOICE_MODES, GENERATIONS_DIR
+    from salm.evaluation.runner import CHOICE_MODES, GENERATIONS_DIR, EvalSettings
     from salm.evaluation.tasks import DEFAULT_TASKS
 
+    d = EvalSettings()  # the defaults live there
     parser.add_argument(
         "--datasets",
         nargs="+",
         default=["all"],
         help=f"tasks to run: {', '.join(DEFAULT_TASKS)} or all (default), or a name given with --data",
     )
-    parser.add_argument("--sample_size", type=int, default=50, help="examples per dataset (0 = all)")
-    parser.add_argument("--random_seed", type=int, default=42, help="seed for sampling examples and decoding")
+    parser.add_argument("--sample_size", type=int, default=d.sample_size, help="examples per dataset (0 = all)")
+    parser.add_argument(
+        "--random_seed", type=int, default=d.random_seed, help="seed for sampling examples and decoding"
+    )
     parser.add_argument(
         "--model_weights",
         "--weights",
@@ -39,13 +42,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trained heads (saLM folder, .safetensors or the seed's .pt); without: untrained heads",
     )
     parser.add_argument("--only_ensemble", action="store_true", help="skip the members' own runs")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.3, help="0 = greedy (for every model)")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=d.decode.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=d.decode.temperature, help="0 = greedy (for every model)")
+    parser.add_argument("--top_p", type=float, default=d.decode.top_p)
+    parser.add_argument("--top_k", type=int, default=d.decode.top_k)
     parser.add_argument("--output_dir", default="evaluation_results")
     parser.add_argument("--save_examples", action="store_true", help="write examples.html (tokens coloured by member)")
-    parser.add_argument("--num_examples", type=int, default=5, help="ensemble outputs per dataset on that page")
+    parser.add_argument(
+        "--num_examples", type=int, default=d.num_examples, help="ensemble outputs per dataset on that page"
+    )
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--debug", action="store_true", help="2 examples per dataset, verbose logging")
     parser.add_argument(
@@ -55,22 +60,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH",
         help="local data file for a dataset (repeatable); a new NAME adds a generic task",
     )
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=d.batch_size)
     parser.add_argument(
         "--num_fewshot",
         type=int,
-        default=0,
+        default=d.num_fewshot,
         help="worked examples before each question: from the train split, else from rows not evaluated "
         "(seeded by --random_seed; the same for every model)",
     )
-    parser.add_argument("--routing", default="argmax", help="ensemble routing: argmax | mixture | threshold:<p>")
+    parser.add_argument(
+        "--routing", default=d.decode.routing, help="ensemble routing: argmax | mixture | threshold:<p>"
+    )
     parser.add_argument(
         "--compile", action="store_true", help="static caches + torch.compile'd decode step (a warm-up per batch shape)"
     )
     parser.add_argument(
         "--medqa_mode",
         choices=CHOICE_MODES,
-        default="both",
+        default=d.choice_mode,
         help="multiple choice by generation, by option log-likelihood, or both",
     )
     parser.add_argument("--split", default=None, help="dataset split (default: each task's evaluation split)")
@@ -140,6 +147,7 @@ def _print_summary(summary: Mapping[str, Any], out_dir: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from salm.evaluation.runner import EvalSettings, evaluate, prepare_tasks
+    from salm.generation import DecodeConfig
     from salm.io import OutputLockedError, output_lock
 
     if args.debug:
@@ -152,11 +160,14 @@ def run(args: argparse.Namespace) -> int:
         settings = EvalSettings(
             sample_size=args.sample_size or None,
             random_seed=args.random_seed,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            routing=args.routing,
+            decode=DecodeConfig(
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                routing=args.routing,
+                compile=args.compile,
+            ),  # fmt: skip
             batch_size=args.batch_size,
             only_ensemble=args.only_ensemble,
             choice_mode=args.medqa_mode,
@@ -167,7 +178,6 @@ def run(args: argparse.Namespace) -> int:
             plots=not args.no_plots,
             split=args.split,
             weights=args.model_weights,
-            compile=args.compile,
             num_fewshot=args.num_fewshot,
         )
         settings.validate()
@@ -197,6 +207,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"salm evaluate: error: {e}", file=sys.stderr)
         return 2
     _print_summary(summary, out_dir)
-    if settings.compile:
+    if settings.decode.compile:
         common.print_warmups(model)
     return 0

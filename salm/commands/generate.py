@@ -27,21 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def decode_config(args: argparse.Namespace):
+    """The :class:`salm.generation.DecodeConfig` the flags describe, checked (before any member loads)."""
+    from salm.generation import DecodeConfig
+
+    return DecodeConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        routing=args.routing, stop=args.stop, seed=args.seed, compile=args.compile,
+    ).validate()  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from salm.data import build_prompt
     from salm.display import legend, member_shares, print_decisions, use_colour
-    from salm.generation import check_decoding
 
-    check_decoding(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.routing, args.stop, args.seed)
+    config = decode_config(args)
     model = common.ensemble_from_flags(args, args.weights)
     text = " ".join(args.prompt)
     prompt = text if args.raw else build_prompt(text)
     colour = use_colour(sys.stdout)
     print(legend(model.model_ids, colour), file=sys.stderr)
-    tokens = model.stream(
-        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, routing=args.routing, seed=args.seed, stop=args.stop, compile=args.compile,
-    )  # fmt: skip
+    tokens = model.stream(prompt, config=config)
     printed = print_decisions(tokens, model.model_ids, sys.stdout, colour)
     if not printed:
         print("(no tokens: the first token chosen was an end-of-sequence token)", file=sys.stderr)

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from salm.evaluation.analysis import (
 )
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
 from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, draw_shots, generic_task, with_fewshot
-from salm.generation import GenerationError, check_decoding, prompt_budget
+from salm.generation import DecodeConfig, GenerationError, check_decoding, prompt_budget
 from salm.io import (
     atomic_write_json,
     atomic_write_jsonl,
@@ -62,21 +62,23 @@ __all__ = [
 ]
 
 
+def _default_decoding() -> DecodeConfig:
+    return DecodeConfig(max_new_tokens=512, temperature=0.3)  # salm evaluate's defaults since the seed
+
+
 @dataclass
 class EvalSettings:
     """Everything that decides the numbers; written into every results file.
 
-    ``sample_size=None`` (or 0) evaluates every example. ``choice_mode`` applies to tasks with
+    ``decode`` is how every model decodes (its ``seed`` is ignored: ``random_seed`` seeds both the sample
+    and decoding; its ``stop`` strings are added to each task's own; prompts are always cut from the left
+    to fit). ``sample_size=None`` (or 0) evaluates every example. ``choice_mode`` applies to tasks with
     log-likelihood variants (MedQA). ``weights`` is only recorded (None = untrained heads).
     """
 
     sample_size: int | None = 50
     random_seed: int = 42
-    max_new_tokens: int = 512
-    temperature: float = 0.3
-    top_p: float = 1.0
-    top_k: int = 0
-    routing: str = "argmax"
+    decode: DecodeConfig = field(default_factory=_default_decoding)
     batch_size: int = 8
     only_ensemble: bool = False
     choice_mode: str = "both"
@@ -88,17 +90,17 @@ class EvalSettings:
     split: str | None = None
     weights: str | None = None
     progress: bool = True
-    compile: bool = False  # static caches + compiled decode step; same tokens, so not part of the resume key
     num_fewshot: int = 0
 
     def validate(self) -> None:
         problems = []
+        d = self.decode
         if self.sample_size is not None and self.sample_size < 0:
             problems.append(f"sample_size must be >= 0 (0 = all), got {self.sample_size}")
-        if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if d.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {d.max_new_tokens}")
+        if d.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {d.temperature}")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if self.choice_mode not in CHOICE_MODES:
@@ -109,17 +111,33 @@ class EvalSettings:
             problems.append(f"num_fewshot must be >= 0, got {self.num_fewshot}")
         if not problems:  # types, NaN and the routing's syntax, before any member loads
             try:
-                check_decoding(self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.routing,
-                               seed=self.random_seed, batch_size=self.batch_size)  # fmt: skip
+                self.decoding_for(d.routing).validate()
+                check_decoding(batch_size=self.batch_size)
             except GenerationError as e:
                 problems.append(str(e))
         if problems:
             raise ValueError("; ".join(problems))
 
+    def decoding_for(self, routing: str, stop: Sequence[str] = ()) -> DecodeConfig:
+        """The decoding of one model's run: ``routing``, the task's ``stop`` strings, the run's seed."""
+        return replace(
+            self.decode, routing=routing, stop=[*stop, *self.decode.stops], seed=self.random_seed, truncate="left"
+        )
+
     def to_dict(self) -> dict[str, Any]:
+        """Flat, as results files have always held it (the decoding keys where they always were)."""
         d = asdict(self)
-        d["heads"] = "trained" if self.weights else "untrained (random initialisation)"
-        return d
+        decode = d.pop("decode")
+        out: dict[str, Any] = {"sample_size": d.pop("sample_size"), "random_seed": d.pop("random_seed")}
+        out.update({k: decode[k] for k in ("max_new_tokens", "temperature", "top_p", "top_k", "routing")})
+        num_fewshot = d.pop("num_fewshot")
+        out.update(d)
+        out["compile"] = decode["compile"]
+        if decode["stop"]:
+            out["stop"] = self.decode.stops
+        out["num_fewshot"] = num_fewshot
+        out["heads"] = "trained" if self.weights else "untrained (random initialisation)"
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,7 +305,7 @@ def _model_names(model: Any, settings: EvalSettings) -> list[str]:
 
 
 def _routing(name: str, settings: EvalSettings) -> str:
-    return settings.routing if name == ENSEMBLE else f"member:{name}"
+    return settings.decode.routing if name == ENSEMBLE else f"member:{name}"
 
 
 def _generative_summary(task: Task, scores: Sequence[Mapping[str, Any]], outputs: Sequence[Any]) -> dict[str, Any]:
@@ -321,8 +339,13 @@ def _generation_key(model: Any, task: Task, prompts: list[str], settings: EvalSe
     return {
         "task": task.name,
         "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-        "stop": list(task.stop),
-        "decoding": [settings.max_new_tokens, settings.temperature, settings.top_p, settings.top_k],
+        "stop": settings.decoding_for(settings.decode.routing, task.stop).stops,
+        "decoding": [
+            settings.decode.max_new_tokens,
+            settings.decode.temperature,
+            settings.decode.top_p,
+            settings.decode.top_k,
+        ],  # fmt: skip
         "seed": settings.random_seed,
         "batch_size": settings.batch_size,
         "members": [member_fingerprint(info) for info in model.infos],
@@ -360,18 +383,10 @@ def _generate_or_reuse(
     logger.info("%s: generating with %s (%d prompts)", task.name, name, len(prompts))
     outputs = model.generate(
         prompts,
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        routing=_routing(name, settings),
-        stop=list(task.stop),
-        seed=settings.random_seed,
+        config=settings.decoding_for(_routing(name, settings), task.stop),
         batch_size=settings.batch_size,
-        truncate="left",
         return_outputs=True,
         progress=nested_progress(settings.progress),  # inside the datasets bar: only on a terminal
-        compile=settings.compile,
     )
     atomic_write_jsonl(path, (o.to_dict() for o in outputs))
     return outputs
@@ -498,7 +513,7 @@ def evaluate_task(
     t0 = time.perf_counter()
     names = _model_names(model, settings)
     prompts = [task.prompt(ex) for ex in examples]
-    n_cut = count_cut_prompts(model.tokenizer, prompts, model.context_length, settings.max_new_tokens)
+    n_cut = count_cut_prompts(model.tokenizer, prompts, model.context_length, settings.decode.max_new_tokens)
     if n_cut:
         logger.warning(
             "%s: %d of %d prompts were cut from the left to fit the smallest member's context (%s tokens)",

@@ -37,7 +37,7 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
-from salm.generation import Routing, choose_tokens, parse_routing
+from salm.generation import DecodeConfig, Routing, choose_tokens, parse_routing
 
 logger = logging.getLogger(__name__)
 
@@ -396,8 +396,7 @@ class SalmLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(all_kwargs[0]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature", 0.0)) > 0
-            outs = self.model.generate(
-                list(contexts),
+            config = DecodeConfig(
                 max_new_tokens=int(kwargs["max_gen_toks"]),
                 temperature=float(kwargs["temperature"]) if sample else 0.0,
                 top_p=float(kwargs.get("top_p") or 1.0),
@@ -406,9 +405,8 @@ class SalmLM(TemplateLM):
                 stop=until,
                 seed=self.seed if sample else None,
                 truncate="left",
-                batch_size=self.batch_size,
-                return_outputs=True,
             )
+            outs = self.model.generate(list(contexts), config=config, batch_size=self.batch_size, return_outputs=True)
             for context, gen_kwargs, out in zip(contexts, all_kwargs, outs):
                 text = postprocess_generated_text(out.text, until, None)
                 res.append(text)

@@ -18,9 +18,12 @@ import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from salm.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from salm.generation import DecodeConfig
 
 # domain -> the member that should win it (the quickstart members are named after their domains)
 EXPECTED_MEMBER = {"code": "code", "prose": "general", "math": "math"}
@@ -58,6 +61,12 @@ class QuickstartSettings:
     num_examples: int = 3
     plots: bool = True
     progress: bool = True
+
+    def decode_config(self) -> DecodeConfig:
+        """Greedy decoding with the run's routing, seed and token budget (evaluation and the examples page)."""
+        from salm.generation import DecodeConfig
+
+        return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=0.0, routing=self.routing, seed=self.seed)
 
 
 def _load_split(files: dict[str, dict[str, Path]], split: str) -> dict[str, list]:
@@ -153,9 +162,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     eval_settings = EvalSettings(
         sample_size=None,
         random_seed=s.seed,
-        max_new_tokens=s.max_new_tokens,
-        temperature=0.0,
-        routing=s.routing,
+        decode=s.decode_config(),
         batch_size=16,
         plots=s.plots,
         weights=str(best),
@@ -192,9 +199,8 @@ def _example_generations(model: Any, tests: dict[str, list], s: QuickstartSettin
         if not chosen:
             continue
         outs = model.generate(
-            [ex.prompt for ex in chosen], max_new_tokens=s.max_new_tokens, temperature=0.0, routing=s.routing,
-            stop=list(DEFAULT_STOP), seed=s.seed, return_outputs=True,
-        )  # fmt: skip
+            [ex.prompt for ex in chosen], config=s.decode_config().merged(stop=list(DEFAULT_STOP)), return_outputs=True
+        )
         members = []
         for ex, o in zip(chosen, outs):
             kept = kept_decisions(o, model.tokenizer)

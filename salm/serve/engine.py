@@ -28,12 +28,12 @@ from typing import Any
 import torch
 
 from salm.generation import (
+    DecodeConfig,
     GenerationError,
     Routing,
     TokenDecision,
     _decision,
     _stop_index,
-    check_decoding,
     choose_tokens,
     ensemble_step,
     parse_routing,
@@ -62,6 +62,13 @@ class SamplingParams:
     seed: int | None = None
     routing: str = "argmax"
     logprobs: int | None = None  # None: off; N >= 0: the chosen token's log-prob and the N most likely tokens
+
+    def decode_config(self) -> DecodeConfig:
+        """These settings as the library's :class:`DecodeConfig` (the one place decoding settings are checked)."""
+        return DecodeConfig(
+            max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            routing=self.routing, stop=self.stop, seed=self.seed,
+        )  # fmt: skip
 
 
 @dataclass
@@ -211,7 +218,7 @@ class Engine:
     def _validate(self, prompt_ids: list[int], p: SamplingParams) -> Routing:
         if not prompt_ids:
             raise GenerationError("prompt is empty (no tokens)")
-        check_decoding(p.max_tokens, p.temperature, p.top_p, p.top_k, p.routing, p.stop, p.seed)
+        p.decode_config().validate()
         ctx = self.model.context_length
         if ctx is not None and len(prompt_ids) >= ctx:
             raise GenerationError(
