@@ -68,9 +68,9 @@ def forward_pass(model, data, cfg) -> float:
 
     t = time.perf_counter()
     for exs, name in ((data.train, "train"), (data.val, "val")):
-        split = tokenize_examples(exs, model.tokenizer, cfg.max_length, cfg.loss_on, name)
-        for a in range(0, len(split), cfg.batch_size):
-            ids, mask, _ = collate(split, list(range(a, min(a + cfg.batch_size, len(split)))), 0)
+        split = tokenize_examples(exs, model.tokenizer, cfg.data.max_length, cfg.data.loss_on, name)
+        for a in range(0, len(split), cfg.optim.batch_size):
+            ids, mask, _ = collate(split, list(range(a, min(a + cfg.optim.batch_size, len(split)))), 0)
             with torch.no_grad():
                 model.member_outputs(ids, mask)
     return time.perf_counter() - t
@@ -108,18 +108,20 @@ def main() -> int:
         times: dict[str, list[float]] = {"forward": [], "cache": [], "nocache": []}
         extraction: list[float] = []
         heads: list[float] = []
-        forward_pass(model, data, TrainConfig(**base))  # warm-up (allocator, lazy inits)
+        forward_pass(model, data, TrainConfig.from_flat(**base))  # warm-up (allocator, lazy inits)
         for r in range(repeats):
-            times["forward"].append(forward_pass(model, data, TrainConfig(**base)))
+            times["forward"].append(forward_pass(model, data, TrainConfig.from_flat(**base)))
             t = time.perf_counter()
             res = train(
-                TrainConfig(**base, output_dir=str(tmp / f"c{r}"), feature_cache_dir=str(tmp / f"fc{r}")), model, data
+                TrainConfig.from_flat(**base, output_dir=str(tmp / f"c{r}"), feature_cache_dir=str(tmp / f"fc{r}")),
+                model,
+                data,
             )
             times["cache"].append(time.perf_counter() - t)
             extraction.append(res.report["timing"]["features_s"])
             heads.append(res.report["timing"]["train_s"])
             t = time.perf_counter()
-            train(TrainConfig(**base, output_dir=str(tmp / f"n{r}"), feature_cache=False), model, data)
+            train(TrainConfig.from_flat(**base, output_dir=str(tmp / f"n{r}"), feature_cache=False), model, data)
             times["nocache"].append(time.perf_counter() - t)
             print({k: round(v[-1], 2) for k, v in times.items()}, file=sys.stderr)
         report = res.report

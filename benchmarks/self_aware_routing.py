@@ -47,7 +47,7 @@ def quickstart_variants(variants: list[str], seed: int, out: Path, progress: boo
     results, model = {}, None
     for name in variants:
         t = time.perf_counter()
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             datasets=list(DOMAINS), output_dir=str(out / name), num_epochs=q.num_epochs, batch_size=q.batch_size,
             learning_rate=q.learning_rate, warmup_steps=q.warmup_steps, entropy_weight=q.entropy_weight, seed=seed,
             models=str(art.members_file), device="cpu", dtype="float32", loss_on=q.loss_on, plots=False,

@@ -1,8 +1,15 @@
-"""The perfect alignment loss: the NLL of the gold token under the router-weighted mixture of members."""
+"""The training objective: the perfect alignment loss (the NLL of the gold token under the router-weighted
+mixture of members) and the terms that shape it, each set by one field of :class:`LossConfig`.
+
+A new loss term is one field of :class:`LossConfig` (its help text in the field's metadata becomes a
+``salm train`` flag, its default -- which must mean "off" -- is what checkpoints written before it are
+resumed with) and one function here, applied in :func:`training_loss`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +21,68 @@ class LossOutput:
     nll: torch.Tensor  # mean -log sum_m pi_m p_m(gold); exp(nll) is the mixture's perplexity
     entropy: torch.Tensor  # mean router entropy H(pi) in nats
     n_tokens: int
+
+
+@dataclass
+class LossConfig:
+    """The objective's settings (``salm train``'s loss flags, same names).
+
+    Field metadata: ``help`` is the flag's help text; ``resume=False`` marks a setting that does not change
+    the objective (so ``--resume`` does not compare it); ``flag=False`` a setting with a hand-written flag.
+    """
+
+    entropy_weight: float = field(default=0.1, metadata={"help": "router entropy bonus (>= 0)"})
+    disagreement_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "loss weight of positions where the members' argmax tokens differ (1 = the plain mixture NLL)"
+        },
+    )
+    allow_negative_entropy_weight: bool = field(
+        default=False, metadata={"resume": False, "help": "accept --entropy_weight < 0 (an entropy penalty)"}
+    )
+
+    def problems(self) -> list[str]:
+        """Every bad setting, as the flag's message (checked before any work: a NaN weight trains NaN heads)."""
+        out = []
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("float", float) and (
+                not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+            ):
+                out.append(f"--{f.name} must be a finite number, got {v!r}")
+        if out:
+            return out
+        if self.entropy_weight < 0 and not self.allow_negative_entropy_weight:
+            out.append(
+                f"--entropy_weight must be >= 0 (a negative weight rewards confident routing; pass "
+                f"--allow_negative_entropy_weight if that is meant), got {self.entropy_weight}"
+            )
+        if self.disagreement_weight <= 0:
+            out.append(f"--disagreement_weight must be > 0, got {self.disagreement_weight}")
+        return out
+
+    @classmethod
+    def resume_keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata.get("resume", True))
+
+    @classmethod
+    def resume_defaults(cls) -> dict[str, object]:
+        """What a checkpoint written before a term existed was trained with: the term's default (off)."""
+        return {f.name: f.default for f in fields(cls) if f.metadata.get("resume", True)}
+
+
+def training_loss(
+    cfg: LossConfig, router_logits: torch.Tensor, gold_logprobs: torch.Tensor, stats: torch.Tensor
+) -> LossOutput:
+    """The loss one optimizer step minimises: the mixture NLL with every term ``cfg`` switches on."""
+    weights = disagreement_weights(stats, cfg.disagreement_weight)
+    return perfect_alignment_loss(router_logits, gold_logprobs, None, cfg.entropy_weight, weights)
+
+
+def validation_loss(cfg: LossConfig, router_logits: torch.Tensor, gold_logprobs: torch.Tensor) -> LossOutput:
+    """The loss reported on validation: unweighted, so runs with different weightings compare."""
+    return perfect_alignment_loss(router_logits, gold_logprobs, None, cfg.entropy_weight)
 
 
 def perfect_alignment_loss(

@@ -25,13 +25,14 @@ processes share), and exact resume with several processes (checkpoints hold rank
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from salm import loss as objective
 from salm.features import (
     CachedFeatures,
     Dist,
@@ -47,7 +49,7 @@ from salm.features import (
     load_or_build,
     tokenize_examples,
 )
-from salm.heads import ROUTERS
+from salm.heads import ROUTERS, HeadConfig, HeadConfigError
 from salm.io import (
     CACHE_ENV,
     atomic_write,
@@ -57,7 +59,7 @@ from salm.io import (
     output_lock,
     report_stale_temporaries,
 )
-from salm.loss import disagreement_weights, perfect_alignment_loss
+from salm.loss import LossConfig, LossOutput
 from salm.plotting import figure, save_png
 
 DEFAULT_DATASETS = ["cola13/gsm8k_formatted", "cola13/medqa_formatted", "cola13/boolq_formatted"]
@@ -68,113 +70,181 @@ BEST_HEADS = "best_model_heads.pt"
 BEST_DIR = "best_model"
 FINAL_DIR = "final_model"
 CHECKPOINT_FORMAT = 1
-# Settings a resumed run must share with the checkpoint (num_epochs may grow; the schedule then changes).
-RESUME_KEYS = (
-    "datasets", "batch_size", "learning_rate", "warmup_steps", "entropy_weight", "head_hidden_dim",
-    "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on", "router", "disagreement_weight",
-)  # fmt: skip
-# What checkpoints written before a resume key existed were trained with.
-RESUME_DEFAULTS = {"router": "seed", "disagreement_weight": 1.0}
 EVAL_BATCH_CACHED = 64  # examples per validation batch on the cache (no member runs, memory is small)
+# The flat setting names of the head part (salm train's flags; earlier checkpoints' resume keys).
+HEAD_FLAGS = {"head_hidden_dim": "hidden_dim", "head_dropout": "dropout", "router": "router"}
 
 
 class TrainingError(ValueError):
     """A training setup the user must fix (bad settings, unusable data, incompatible checkpoint)."""
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
-class TrainConfig:
-    """Every ``salm train`` setting; field names are the flags' names."""
+class DataConfig:
+    """What the heads are trained on: which rows, how they are tokenized, where the loss applies."""
 
     datasets: list[str] = field(default_factory=lambda: list(DEFAULT_DATASETS))
-    output_dir: str = "./model_outputs"
+    max_length: int = 256  # tokens per example (prompt + answer)
+    val_fraction: float = 0.1  # held out when a dataset has no validation split
+    max_examples: int | None = None  # first N rows per dataset (quick runs)
+    loss_on: str = "answer"  # answer tokens only, or "all" of the text
+
+    def problems(self) -> list[str]:
+        if not _is_int(self.max_length):
+            return [f"--max_length must be an integer, got {self.max_length!r}"]
+        if not _is_finite(self.val_fraction):
+            return [f"--val_fraction must be a finite number, got {self.val_fraction!r}"]
+        checks = [
+            (self.max_length >= 2, f"--max_length must be >= 2, got {self.max_length}"),
+            (0.0 <= self.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.max_examples is None or self.max_examples >= 1, "--max_examples must be >= 1"),
+            (self.loss_on in ("answer", "all"), f"--loss_on must be answer or all, got {self.loss_on!r}"),
+            (bool(self.datasets), "--datasets needs at least one dataset"),
+        ]
+        return [msg for ok, msg in checks if not ok]
+
+
+@dataclass
+class OptimConfig:
+    """How the heads are optimised: AdamW with linear warm-up and decay, one seed for every random draw."""
+
     num_epochs: int = 5
-    batch_size: int = 4
+    batch_size: int = 4  # examples per optimizer step (per process)
     learning_rate: float = 1e-4
     warmup_steps: int = 50
-    entropy_weight: float = 0.1
-    head_hidden_dim: int = 256
-    head_dropout: float = 0.1
-    # seed | confidence | joint (salm.heads). confidence is the default for new training: on the knowledge
-    # split it routes the decisive token to the member that knows far more often than seed heads
-    # (benchmarks/results/self_aware_routing.json; README "Self-aware routing").
-    router: str = "confidence"
-    disagreement_weight: float = 1.0  # loss weight of positions where the members' argmax tokens differ
-    seed: int = 42
+    seed: int = 42  # head initialisation, per-epoch shuffling, dropout
     log_every_n_steps: int = 5
-    models: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    trust_remote_code: bool = False
-    max_length: int = 256
-    val_fraction: float = 0.1
-    max_examples: int | None = None
-    loss_on: str = "answer"
-    report_to: str = "none"
-    resume: bool = False
-    feature_cache: bool = True
-    feature_cache_dir: str | None = None
-    plots: bool = True
-    progress: bool = True
-    allow_negative_entropy_weight: bool = False
 
-    @classmethod
-    def flat_names(cls) -> set[str]:
-        """Every setting's name (the flags' names)."""
-        return set(cls.__dataclass_fields__)
-
-    @classmethod
-    def from_flat(cls, **settings: Any) -> TrainConfig:
-        """A config from flat settings (flag names), as ``salm train`` and the quickstart give them."""
-        return cls(**settings)
-
-    def validate(self) -> None:
-        """Every setting checked before any work: a NaN or infinite number would train heads into NaN."""
-        ints = ("num_epochs", "batch_size", "warmup_steps", "head_hidden_dim", "seed", "log_every_n_steps")
-        for name in (*ints, "max_length"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TrainingError(f"--{name} must be an integer, got {v!r}")
-        for name in ("learning_rate", "entropy_weight", "head_dropout", "val_fraction"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise TrainingError(f"--{name} must be a finite number, got {v!r}")
+    def problems(self) -> list[str]:
+        for name in ("num_epochs", "batch_size", "warmup_steps", "seed", "log_every_n_steps"):
+            if not _is_int(getattr(self, name)):
+                return [f"--{name} must be an integer, got {getattr(self, name)!r}"]
+        if not _is_finite(self.learning_rate):
+            return [f"--learning_rate must be a finite number, got {self.learning_rate!r}"]
         checks = [
             (self.num_epochs >= 1, f"--num_epochs must be >= 1, got {self.num_epochs}"),
             (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
             (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
             (self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.log_every_n_steps >= 1, f"--log_every_n_steps must be >= 1, got {self.log_every_n_steps}"),
-            (self.max_length >= 2, f"--max_length must be >= 2, got {self.max_length}"),
-            (0.0 <= self.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.max_examples is None or self.max_examples >= 1, "--max_examples must be >= 1"),
-            (self.loss_on in ("answer", "all"), f"--loss_on must be answer or all, got {self.loss_on!r}"),
-            (self.report_to in ("none", "wandb", "tensorboard"), f"unknown --report_to {self.report_to!r}"),
-            (0.0 <= self.head_dropout < 1.0, f"--head_dropout must be in [0, 1), got {self.head_dropout}"),
-            (
-                self.head_hidden_dim >= 2,  # the second layer has head_hidden_dim // 2 units: 0 cannot read the input
-                f"--head_hidden_dim must be >= 2, got {self.head_hidden_dim}",
-            ),
-            (
-                self.entropy_weight >= 0 or self.allow_negative_entropy_weight,
-                f"--entropy_weight must be >= 0 (a negative weight rewards confident routing; pass "
-                f"--allow_negative_entropy_weight if that is meant), got {self.entropy_weight}",
-            ),
-            (self.router in ROUTERS, f"--router must be one of {', '.join(ROUTERS)}, got {self.router!r}"),
-            (self.disagreement_weight > 0, f"--disagreement_weight must be > 0, got {self.disagreement_weight}"),
-            (bool(self.datasets), "--datasets needs at least one dataset"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise TrainingError(msg)
+        return [msg for ok, msg in checks if not ok]
+
+
+def _training_heads() -> HeadConfig:
+    # confidence is the default router for new training: on the knowledge split it routes the decisive token
+    # to the member that knows far more often than seed heads (benchmarks/results/self_aware_routing.json;
+    # README "Self-aware routing"). Every other head default is HeadConfig's.
+    return HeadConfig(router="confidence")
+
+
+def _head_flag_problem(values: dict[str, Any]) -> str | None:
+    """The flag-named message for a head setting HeadConfig refuses (``salm train`` names flags, not fields)."""
+    h, p, r = values.get("hidden_dim", 2), values.get("dropout", 0.0), values.get("router", "seed")
+    if not _is_int(h):
+        return f"--head_hidden_dim must be an integer, got {h!r}"
+    if not _is_finite(p):
+        return f"--head_dropout must be a finite number, got {p!r}"
+    if not 0.0 <= p < 1.0:
+        return f"--head_dropout must be in [0, 1), got {p}"
+    if h < 2:  # the second layer has head_hidden_dim // 2 units: 0 cannot read the input
+        return f"--head_hidden_dim must be >= 2, got {h}"
+    if r not in ROUTERS:
+        return f"--router must be one of {', '.join(ROUTERS)}, got {r!r}"
+    return None
+
+
+@dataclass
+class TrainConfig:
+    """Every ``salm train`` setting, as parts: what to train on (``data``), what to minimise (``loss``), how
+    (``optim``), which heads (``heads``, a :class:`salm.heads.HeadConfig`), plus where the run reads and writes.
+
+    The flags are flat (``--batch_size``, ``--entropy_weight``, ``--head_hidden_dim``): :meth:`from_flat`
+    builds a config from flat names and :meth:`settings` gives them back (what reports, checkpoints'
+    resume views and loggers record, unchanged by this split).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    heads: HeadConfig = field(default_factory=_training_heads)
+    output_dir: str = "./model_outputs"
+    models: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    report_to: str = "none"
+    resume: bool = False
+    feature_cache: bool = True
+    feature_cache_dir: str | None = None
+    plots: bool = True
+    progress: bool = True
+
+    _PARTS = ("data", "loss", "optim")
+
+    @classmethod
+    def flat_names(cls) -> set[str]:
+        """Every flat setting name (the flags' names)."""
+        names = {f.name for f in fields(cls) if f.name not in (*cls._PARTS, "heads")}
+        for part in (DataConfig, LossConfig, OptimConfig):
+            names |= {f.name for f in fields(part)}
+        return names | set(HEAD_FLAGS)
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TrainConfig:
+        """A config from flat settings (flag names), as ``salm train``, the quickstart and tests give them.
+
+        An unknown name is a TypeError naming it; a head setting :class:`HeadConfig` refuses is a
+        :class:`TrainingError` naming the flag.
+        """
+        unknown = sorted(set(settings) - cls.flat_names())
+        if unknown:
+            raise TypeError(f"TrainConfig.from_flat: unknown setting(s) {unknown}")
+        parts: dict[str, Any] = {}
+        for name, part in (("data", DataConfig), ("loss", LossConfig), ("optim", OptimConfig)):
+            own = {f.name for f in fields(part)}
+            parts[name] = part(**{k: v for k, v in settings.items() if k in own})
+        head_values = {HEAD_FLAGS[k]: v for k, v in settings.items() if k in HEAD_FLAGS}
+        try:
+            parts["heads"] = dataclasses.replace(_training_heads(), **head_values)
+        except HeadConfigError as e:
+            raise TrainingError(_head_flag_problem(head_values) or str(e)) from None
+        rest = {k: v for k, v in settings.items() if k in {f.name for f in fields(cls)}}
+        return cls(**parts, **rest)
+
+    def validate(self) -> None:
+        """Every setting checked before any work: a NaN or infinite number would train heads into NaN."""
+        problems = [*self.optim.problems(), *self.data.problems(), *self.loss.problems()]
+        if self.report_to not in ("none", "wandb", "tensorboard"):
+            problems.append(f"unknown --report_to {self.report_to!r}")
+        if problems:
+            raise TrainingError(problems[0])
         from salm.members import resolve_device
 
         resolve_device(self.device)  # a MemberError naming the devices this machine has
 
     def settings(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The flat settings (flag names; ``progress`` left out): what reports and checkpoints record."""
+        d = {**asdict(self.data), **asdict(self.optim), **asdict(self.loss)}
+        d.update({flag: getattr(self.heads, name) for flag, name in HEAD_FLAGS.items()})
+        d.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in (*self._PARTS, "heads")})
         d.pop("progress")
         return d
+
+    @staticmethod
+    def resume_keys() -> tuple[str, ...]:
+        """Settings a resumed run must share with its checkpoint: everything that changes the trajectory
+        (``num_epochs`` may grow, the schedule then changes; logging does not count)."""
+        optim = tuple(f.name for f in fields(OptimConfig) if f.name not in ("num_epochs", "log_every_n_steps"))
+        return (*(f.name for f in fields(DataConfig)), *optim, *LossConfig.resume_keys(), *HEAD_FLAGS)
 
     def cache_dir(self) -> Path:
         if self.feature_cache_dir:
@@ -182,6 +252,13 @@ class TrainConfig:
         if os.environ.get(CACHE_ENV):
             return Path(os.environ[CACHE_ENV]).expanduser() / "features"
         return Path(self.output_dir) / "feature_cache"
+
+
+RESUME_KEYS = TrainConfig.resume_keys()
+LOSS_TERMS = tuple(f.name for f in fields(LossOutput) if f.name != "n_tokens")  # loss, nll, entropy, ...
+# What checkpoints written before a resume key existed were trained with: seed heads, and each loss term's
+# default (its "off" value).
+RESUME_DEFAULTS = {"router": "seed", **LossConfig.resume_defaults()}
 
 
 @dataclass
@@ -240,35 +317,36 @@ def _distributed(device: str | None) -> tuple[Dist, torch.device | None]:
 
 def _reset_heads(model: Any, cfg: TrainConfig) -> None:
     """Fresh heads from the seeded RNG, so initialisation depends on the seed alone."""
-    if model.head_hidden_dim != cfg.head_hidden_dim:
+    heads = cfg.heads
+    if model.head_hidden_dim != heads.hidden_dim:
         raise TrainingError(
-            f"the model's heads are {model.head_hidden_dim} wide, --head_hidden_dim is {cfg.head_hidden_dim}"
+            f"the model's heads are {model.head_hidden_dim} wide, --head_hidden_dim is {heads.hidden_dim}"
         )
-    model.head_dropout = cfg.head_dropout
-    if model.router != cfg.router:
-        model.build_router(cfg.router)
+    model.head_dropout = heads.dropout
+    if model.router != heads.router:
+        model.build_router(heads.router)
     for m in model.modules():
         if isinstance(m, nn.Dropout):
-            m.p = cfg.head_dropout
+            m.p = heads.dropout
         elif m is not model and hasattr(m, "reset_parameters"):
             m.reset_parameters()
 
 
 class _Stats:
-    """Position-weighted sums of the loss terms and routing statistics over a window of batches."""
+    """Position-weighted sums of the loss terms (every tensor field of :class:`salm.loss.LossOutput`, so a
+    new term is logged as ``<prefix>/<field>`` without an edit here) and routing statistics over a window."""
 
     def __init__(self, n_members: int):
         self.n = 0
-        self.loss = self.nll = self.entropy = 0.0
+        self.sums: dict[str, float] = {name: 0.0 for name in LOSS_TERMS}
         self.top = torch.zeros(n_members, dtype=torch.float64)
         self.prob = torch.zeros(n_members, dtype=torch.float64)
 
     def add(self, lo: Any, router_logits: torch.Tensor) -> None:
         n = lo.n_tokens
         self.n += n
-        self.loss += float(lo.loss.detach()) * n
-        self.nll += float(lo.nll.detach()) * n
-        self.entropy += float(lo.entropy.detach()) * n
+        for name in self.sums:
+            self.sums[name] += float(getattr(lo, name).detach()) * n
         if n:
             probs = torch.softmax(router_logits.detach().float(), -1)
             self.top += torch.bincount(probs.argmax(-1), minlength=probs.shape[-1]).double().cpu()
@@ -276,14 +354,9 @@ class _Stats:
 
     def metrics(self, prefix: str, ids: list[str]) -> dict[str, float]:
         n = max(self.n, 1)
-        nll = self.nll / n
-        out = {
-            f"{prefix}/loss": self.loss / n,
-            f"{prefix}/nll": nll,
-            f"{prefix}/entropy": self.entropy / n,
-            f"{prefix}/perplexity": math.exp(min(nll, 700.0)),
-            f"{prefix}/n_tokens": self.n,
-        }
+        out = {f"{prefix}/{name}": total / n for name, total in self.sums.items()}
+        out[f"{prefix}/perplexity"] = math.exp(min(out[f"{prefix}/nll"], 700.0))
+        out[f"{prefix}/n_tokens"] = self.n
         for i, mid in enumerate(ids):
             out[f"{prefix}/model_activation_percent/{mid}"] = 100.0 * float(self.top[i]) / n
             out[f"{prefix}/model_prob_mean/{mid}"] = float(self.prob[i]) / n
@@ -291,7 +364,7 @@ class _Stats:
 
 
 def evaluate(
-    model: Any, feats: CachedFeatures | LiveFeatures, split: TokenizedSplit, entropy_weight: float, batch: int
+    model: Any, feats: CachedFeatures | LiveFeatures, split: TokenizedSplit, loss: LossConfig, batch: int
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Validation metrics (``val/...``) and routing share per dataset per member (argmax of routing probs)."""
     ids = list(model.model_ids)
@@ -308,7 +381,7 @@ def evaluate(
             idx = list(range(a, min(a + batch, len(split))))
             hidden, gold, cstats = feats.batch(idx, model.device)
             rl = model.router_logits(hidden, cstats)
-            stats.add(perfect_alignment_loss(rl, gold, None, entropy_weight), rl)
+            stats.add(objective.validation_loss(loss, rl, gold), rl)
             ds = torch.repeat_interleave(ds_index[idx], counts[idx])
             share += torch.bincount(ds * m + rl.argmax(-1).cpu(), minlength=len(names) * m).double()
     model.train(was_training)
@@ -532,23 +605,81 @@ def _train(
     stop_after_epoch: int | None,
     t_start: float,
 ) -> TrainResult:
-    timing: dict[str, float] = {}
-    main = dist.rank == 0
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    reporter = make_reporter(cfg.report_to) if main else _Reporter()
+    """load data -> build the model -> build or load features -> optimise -> save and report."""
+    run = _Run(cfg, dist, Path(cfg.output_dir))
+    run.out.mkdir(parents=True, exist_ok=True)
+    reporter = make_reporter(cfg.report_to) if run.main else _Reporter()
+    data = run.timed("data_s", load_data, cfg, data, run.main)
+    model = run.timed("model_s", build_model, cfg, model, dist_device)
+    feats = build_features(run, model, data)
+    loop = optimise(run, model, feats, reporter, stop_after_epoch)
+    if loop.stopped_early:
+        return TrainResult(run.out, loop.epoch, loop.step, loop.best_val, loop.best_epoch, None, None, None, model)
+    return save_and_report(run, model, data, feats, loop, t_start)
 
-    t = time.perf_counter()
+
+@dataclass
+class _Run:
+    """What every stage shares: the settings, this process's place among the processes, the output folder,
+    the stage timings."""
+
+    cfg: TrainConfig
+    dist: Dist
+    out: Path
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def main(self) -> bool:
+        return self.dist.rank == 0
+
+    def timed(self, key: str, fn: Any, *args: Any) -> Any:
+        t = time.perf_counter()
+        result = fn(*args)
+        self.timing[key] = time.perf_counter() - t
+        return result
+
+
+@dataclass
+class _Features:
+    """The tokenized splits and their member features (the on-disk cache, or live member runs)."""
+
+    train_tok: TokenizedSplit
+    val_tok: TokenizedSplit
+    train: CachedFeatures | LiveFeatures
+    val: CachedFeatures | LiveFeatures
+    eval_batch: int
+    max_length: int
+
+
+@dataclass
+class _Loop:
+    """Where optimisation stands: restored from a checkpoint on resume, advanced by every step and epoch."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_val: float = math.inf
+    best_epoch: int | None = None
+    last_good: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk from this run
+    resumed: bool = False
+    stopped_early: bool = False
+    steps_per_epoch: int = 0
+    log: MetricsLog | None = None
+
+
+# ---- 1. data
+def load_data(cfg: TrainConfig, data: Any, main: bool) -> Any:
+    """The train/validation examples (``data`` as given, else loaded from ``cfg.data.datasets``); what was
+    skipped or dropped while loading is printed once."""
     if data is None:
         from salm.data import DataFormatError, load_training_sets
 
+        d = cfg.data
         try:
-            data = load_training_sets(cfg.datasets, cfg.val_fraction, cfg.seed, cfg.max_examples)
+            data = load_training_sets(d.datasets, d.val_fraction, cfg.optim.seed, d.max_examples)
         except DataFormatError:
             raise
         except ValueError as e:  # duplicate names, no validation rows, ...: the user's to fix
             raise TrainingError(str(e)) from e
-    timing["data_s"] = time.perf_counter() - t
     if main:
         for name, d in getattr(data, "report", {}).get("datasets", {}).items():
             if d.get("empty_answers_skipped"):
@@ -558,230 +689,271 @@ def _train(
                     f"{name}: dropped {d['val_duplicates_dropped']} validation row(s) that also occur in training",
                     file=sys.stderr,
                 )
+    return data
 
-    t = time.perf_counter()
+
+# ---- 2. model
+def build_model(cfg: TrainConfig, model: Any, dist_device: torch.device | None) -> Any:
+    """The ensemble whose heads are trained (``model`` as given, else the members with ``cfg.heads``)."""
     if model is None:
         from salm.ensemble import MultiModelWithScalarHeads
 
         model = MultiModelWithScalarHeads(
-            cfg.models, cfg.head_hidden_dim, cfg.head_dropout, device=cfg.device or dist_device, dtype=cfg.dtype,
-            router=cfg.router, trust_remote_code=cfg.trust_remote_code,
+            cfg.models, head_config=cfg.heads, device=cfg.device or dist_device, dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
         )  # fmt: skip
-    timing["model_s"] = time.perf_counter() - t
-    device = model.device
-    ids = list(model.model_ids)
+    return model
 
-    max_length = cfg.max_length
+
+# ---- 3. features
+def build_features(run: _Run, model: Any, data: Any) -> _Features:
+    """Tokenize both splits (reporting truncation), then load or build their member features."""
+    cfg, main = run.cfg, run.main
+    max_length = cfg.data.max_length
     if model.context_length and max_length > model.context_length:
         warnings.warn(
-            f"--max_length {max_length} exceeds the members' context; using {model.context_length}", stacklevel=2
+            f"--max_length {max_length} exceeds the members' context; using {model.context_length}", stacklevel=3
         )
         max_length = model.context_length
     t = time.perf_counter()
-    train_tok = tokenize_examples(data.train, model.tokenizer, max_length, cfg.loss_on, "train")
-    val_tok = tokenize_examples(data.val, model.tokenizer, max_length, cfg.loss_on, "val")
-    timing["tokenize_s"] = time.perf_counter() - t
-    for s in (train_tok, val_tok):
-        if s.prompts_truncated and main:
-            print(
-                f"{s.name}: {sum(s.prompts_truncated.values())} of {len(s)} prompts lost their start to fit "
-                f"max_length={max_length} (answers kept whole): {s.prompts_truncated}",
-                file=sys.stderr,
-            )
-        if s.answers_truncated and main:
-            print(
-                f"{s.name}: {sum(s.answers_truncated.values())} of {len(s)} answers alone exceed max_length="
-                f"{max_length} and lost their end: {s.answers_truncated}; raise --max_length",
-                file=sys.stderr,
-            )
-
+    train_tok = tokenize_examples(data.train, model.tokenizer, max_length, cfg.data.loss_on, "train")
+    val_tok = tokenize_examples(data.val, model.tokenizer, max_length, cfg.data.loss_on, "val")
+    run.timing["tokenize_s"] = time.perf_counter() - t
+    if main:
+        for s in (train_tok, val_tok):
+            _report_truncation(s, max_length)
     t = time.perf_counter()
     if cfg.feature_cache:
-        kw = dict(max_length=max_length, loss_on=cfg.loss_on, dist=dist, progress=cfg.progress and main)
+        kw = dict(max_length=max_length, loss_on=cfg.data.loss_on, dist=run.dist, progress=cfg.progress and main)
         train_f = load_or_build(model, train_tok, cfg.cache_dir(), **kw)
         val_f = load_or_build(model, val_tok, cfg.cache_dir(), **kw)
         eval_batch = EVAL_BATCH_CACHED
     else:
         train_f, val_f = LiveFeatures(model, train_tok), LiveFeatures(model, val_tok)
-        eval_batch = cfg.batch_size
-    timing["features_s"] = time.perf_counter() - t
+        eval_batch = cfg.optim.batch_size
+    run.timing["features_s"] = time.perf_counter() - t
+    return _Features(train_tok, val_tok, train_f, val_f, eval_batch, max_length)
 
-    # ---- heads, optimizer, schedule
+
+def _report_truncation(s: TokenizedSplit, max_length: int) -> None:
+    if s.prompts_truncated:
+        print(
+            f"{s.name}: {sum(s.prompts_truncated.values())} of {len(s)} prompts lost their start to fit "
+            f"max_length={max_length} (answers kept whole): {s.prompts_truncated}",
+            file=sys.stderr,
+        )
+    if s.answers_truncated:
+        print(
+            f"{s.name}: {sum(s.answers_truncated.values())} of {len(s)} answers alone exceed max_length="
+            f"{max_length} and lost their end: {s.answers_truncated}; raise --max_length",
+            file=sys.stderr,
+        )
+
+
+# ---- 4. optimise
+def optimise(run: _Run, model: Any, feats: _Features, reporter: _Reporter, stop_after_epoch: int | None) -> _Loop:
+    """Fresh heads, AdamW + warm-up schedule, resume from the checkpoint if asked, then the epochs: a
+    validation and a checkpoint after each, the best heads saved whenever validation NLL improves."""
     from transformers import get_linear_schedule_with_warmup
 
-    torch.manual_seed(cfg.seed)
+    cfg, dist, out = run.cfg, run.dist, run.out
+    torch.manual_seed(cfg.optim.seed)
     _reset_heads(model, cfg)
     router: nn.Module = _Router(model)
+    device = model.device
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         router = DistributedDataParallel(router, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.01)
-    n_train = len(train_tok)
-    global_batch = cfg.batch_size * dist.world
-    steps_per_epoch = math.ceil(n_train / global_batch)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, steps_per_epoch * cfg.num_epochs)
-
-    settings = cfg.settings()
-    resume_view = {k: settings[k] for k in RESUME_KEYS}
-    resume_view.update(member_ids=ids, train_sha256=train_tok.content_hash(), world=dist.world)
-    start_epoch, step, best_val, best_epoch = 0, 0, math.inf, None
-    log = MetricsLog(out / METRICS, enabled=main)
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.learning_rate, weight_decay=0.01)
+    global_batch = cfg.optim.batch_size * dist.world
+    loop = _Loop(steps_per_epoch=math.ceil(len(feats.train_tok) / global_batch))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, cfg.optim.warmup_steps, loop.steps_per_epoch * cfg.optim.num_epochs
+    )
+    resume_view = _resume_view(cfg, model, feats, dist)
     ckpt_path = out / CHECKPOINT
-    resumed = False
-    last_good: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk from this run
-    if cfg.resume and ckpt_path.is_file():
-        ck = _load_checkpoint(ckpt_path)
-        _check_resume(ck["resume_view"], resume_view, ckpt_path)
-        if ck["num_epochs"] != cfg.num_epochs:
-            warnings.warn(
-                f"resuming a {ck['num_epochs']}-epoch run as a {cfg.num_epochs}-epoch run: the learning-rate "
-                "schedule changes from here on",
-                stacklevel=2,
-            )
-        model.load_heads(ck["heads"], source=str(ckpt_path))
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
-        start_epoch, step, best_val, best_epoch = ck["epoch"], ck["global_step"], ck["best_val_nll"], ck["best_epoch"]
-        last_good = (start_epoch, step)
-        log.truncate(step)
-        resumed = True
-        if main:
-            print(f"resuming from {ckpt_path}: epoch {start_epoch}, step {step}", file=sys.stderr)
-    else:
-        if cfg.resume and main:
-            print(f"--resume: no {ckpt_path} yet; starting a fresh run", file=sys.stderr)
-        if main and ckpt_path.is_file():  # a previous run's: never resume it by mistake after this run crashes
-            print(f"starting a fresh run in {out}; the previous checkpoint is discarded", file=sys.stderr)
-            ckpt_path.unlink()
-        log.reset()
-    reporter.start(out, settings)
+    loop.log = MetricsLog(out / METRICS, enabled=run.main)
+    _resume_or_start(run, model, optimizer, scheduler, resume_view, loop)
+    reporter.start(out, cfg.settings())
 
     def emit(rec: dict[str, Any]) -> None:
-        if main:
-            log.append(rec)
+        if run.main:
+            loop.log.append(rec)
             reporter.log(rec, rec["step"])
 
+    ids = list(model.model_ids)
     try:
         t = time.perf_counter()
-        if not resumed:
-            metrics, _ = evaluate(model, val_f, val_tok, cfg.entropy_weight, eval_batch)
+        if not loop.resumed:
+            metrics, _ = evaluate(model, feats.val, feats.val_tok, cfg.loss, feats.eval_batch)
             emit({"step": 0, "epoch": 0, **metrics})
         from tqdm.auto import tqdm
 
-        for epoch in range(start_epoch, cfg.num_epochs):
+        n_train, spe = len(feats.train_tok), loop.steps_per_epoch
+        for epoch in range(loop.epoch, cfg.optim.num_epochs):
             model.train()
-            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.optim.seed + epoch)).tolist()
             window = _Stats(len(ids))
             bar = tqdm(
-                range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.num_epochs}", disable=not (cfg.progress and main)
+                range(spe), desc=f"epoch {epoch + 1}/{cfg.optim.num_epochs}", disable=not (cfg.progress and run.main)
             )
             for s in bar:
                 idx = order[s * global_batch : (s + 1) * global_batch][dist.rank :: dist.world]
-                hidden, gold, cstats = train_f.batch(idx, device)
+                hidden, gold, cstats = feats.train.batch(idx, device)
                 router_logits = router(hidden, cstats)
-                weights = disagreement_weights(cstats, cfg.disagreement_weight)
-                lo = perfect_alignment_loss(router_logits, gold, None, cfg.entropy_weight, weights)
+                lo = objective.training_loss(cfg.loss, router_logits, gold, cstats)
                 optimizer.zero_grad(set_to_none=True)
                 lo.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
                 if not (torch.isfinite(lo.loss.detach()) and torch.isfinite(grad_norm)):
                     raise TrainingError(
-                        _diverged(f"loss {float(lo.loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}", step + 1,
-                                  epoch + 1, ckpt_path, last_good)
+                        _diverged(f"loss {float(lo.loss.detach()):.4g}, gradient norm {float(grad_norm):.4g}",
+                                  loop.step + 1, epoch + 1, ckpt_path, loop.last_good)
                     )  # fmt: skip
                 optimizer.step()
                 scheduler.step()
-                step += 1
+                loop.step += 1
                 window.add(lo, router_logits)
                 lr = scheduler.get_last_lr()[0]
                 bar.set_postfix(loss=f"{float(lo.loss.detach()):.4f}", lr=f"{lr:.2e}", refresh=False)
-                if step % cfg.log_every_n_steps == 0 or s == steps_per_epoch - 1:
-                    rec = {"step": step, "epoch": round(epoch + (s + 1) / steps_per_epoch, 4)}
+                if loop.step % cfg.optim.log_every_n_steps == 0 or s == spe - 1:
+                    rec = {"step": loop.step, "epoch": round(epoch + (s + 1) / spe, 4)}
                     rec.update(window.metrics("train", ids))
                     rec["train/learning_rate"] = lr
                     emit(rec)
                     window = _Stats(len(ids))
             bar.close()
-            metrics, _ = evaluate(model, val_f, val_tok, cfg.entropy_weight, eval_batch)
+            metrics, _ = evaluate(model, feats.val, feats.val_tok, cfg.loss, feats.eval_batch)
             if not math.isfinite(metrics["val/nll"]):
                 raise TrainingError(
-                    _diverged(f"validation NLL {metrics['val/nll']}", step, epoch + 1, ckpt_path, last_good)
+                    _diverged(f"validation NLL {metrics['val/nll']}", loop.step, epoch + 1, ckpt_path, loop.last_good)
                 )
-            emit({"step": step, "epoch": epoch + 1, **metrics})
-            if metrics["val/nll"] < best_val:
-                best_val, best_epoch = metrics["val/nll"], epoch + 1
-                if main:
+            emit({"step": loop.step, "epoch": epoch + 1, **metrics})
+            loop.epoch = epoch + 1
+            if metrics["val/nll"] < loop.best_val:
+                loop.best_val, loop.best_epoch = metrics["val/nll"], epoch + 1
+                if run.main:
                     _save_torch(out / BEST_HEADS, _cpu_state(model))
                     model.save_pretrained(out / BEST_DIR)
-            if main:
-                _save_torch(
-                    ckpt_path,
-                    {
-                        "format": CHECKPOINT_FORMAT,
-                        "heads": _cpu_state(model),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "rng": _rng_state(),
-                        "epoch": epoch + 1,
-                        "global_step": step,
-                        "num_epochs": cfg.num_epochs,
-                        "best_val_nll": best_val,
-                        "best_epoch": best_epoch,
-                        "resume_view": resume_view,
-                    },
-                )
-            last_good = (epoch + 1, step)
+            if run.main:
+                _save_torch(ckpt_path, _checkpoint(model, optimizer, scheduler, loop, cfg, resume_view))
+            loop.last_good = (epoch + 1, loop.step)
             dist.barrier()
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.num_epochs:
-                return TrainResult(out, epoch + 1, step, best_val, best_epoch, None, None, None, model)
-        timing["train_s"] = time.perf_counter() - t
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < cfg.optim.num_epochs:
+                loop.stopped_early = True
+                return loop
+        run.timing["train_s"] = time.perf_counter() - t
     finally:
         reporter.close()
+    return loop
 
-    # ---- final outputs
+
+def _resume_view(cfg: TrainConfig, model: Any, feats: _Features, dist: Dist) -> dict[str, Any]:
+    """What a checkpoint must share with the run resuming it: the resume keys, members, data, processes."""
+    settings = cfg.settings()
+    view = {k: settings[k] for k in RESUME_KEYS}
+    view.update(member_ids=list(model.model_ids), train_sha256=feats.train_tok.content_hash(), world=dist.world)
+    return view
+
+
+def _resume_or_start(run: _Run, model: Any, optimizer: Any, scheduler: Any, view: dict[str, Any], loop: _Loop) -> None:
+    """With ``--resume`` and a checkpoint: heads, optimizer, schedule, RNG and counters from it (after checking
+    it was written with the same settings). Otherwise a fresh run, discarding a previous run's checkpoint."""
+    cfg, main, out = run.cfg, run.main, run.out
+    ckpt_path = out / CHECKPOINT
+    if cfg.resume and ckpt_path.is_file():
+        ck = _load_checkpoint(ckpt_path)
+        _check_resume(ck["resume_view"], view, ckpt_path)
+        if ck["num_epochs"] != cfg.optim.num_epochs:
+            warnings.warn(
+                f"resuming a {ck['num_epochs']}-epoch run as a {cfg.optim.num_epochs}-epoch run: the learning-rate "
+                "schedule changes from here on",
+                stacklevel=4,
+            )
+        model.load_heads(ck["heads"], source=str(ckpt_path))
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        loop.epoch, loop.step, loop.best_val, loop.best_epoch = (
+            ck["epoch"], ck["global_step"], ck["best_val_nll"], ck["best_epoch"]
+        )  # fmt: skip
+        loop.last_good = (loop.epoch, loop.step)
+        loop.log.truncate(loop.step)
+        loop.resumed = True
+        if main:
+            print(f"resuming from {ckpt_path}: epoch {loop.epoch}, step {loop.step}", file=sys.stderr)
+        return
+    if cfg.resume and main:
+        print(f"--resume: no {ckpt_path} yet; starting a fresh run", file=sys.stderr)
+    if main and ckpt_path.is_file():  # a previous run's: never resume it by mistake after this run crashes
+        print(f"starting a fresh run in {out}; the previous checkpoint is discarded", file=sys.stderr)
+        ckpt_path.unlink()
+    loop.log.reset()
+
+
+def _checkpoint(
+    model: Any, optimizer: Any, scheduler: Any, loop: _Loop, cfg: TrainConfig, view: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "heads": _cpu_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "epoch": loop.epoch,
+        "global_step": loop.step,
+        "num_epochs": cfg.optim.num_epochs,
+        "best_val_nll": loop.best_val,
+        "best_epoch": loop.best_epoch,
+        "resume_view": view,
+    }
+
+
+# ---- 5. save and report
+def save_and_report(run: _Run, model: Any, data: Any, feats: _Features, loop: _Loop, t_start: float) -> TrainResult:
+    """The final heads, the plots and ``train_report.json`` (rank 0 only)."""
+    cfg, out = run.cfg, run.out
+    ids = list(model.model_ids)
     model.eval()
-    vals = [r for r in log.records if "val/nll" in r]
+    records = loop.log.records
+    vals = [r for r in records if "val/nll" in r]
     initial = next((r for r in vals if r["step"] == 0), None)
-    best_rec = next((r for r in vals if r["epoch"] == best_epoch), None)
+    best_rec = next((r for r in vals if r["epoch"] == loop.best_epoch), None)
     final_rec = vals[-1] if vals else None
     report = None
-    if main:
+    if run.main:
         model.save_pretrained(out / FINAL_DIR)
         routing_best = _routing_from(best_rec, ids)
         if cfg.plots:
-            plot_loss_curves(log.records, out / "loss_curves.png")
+            plot_loss_curves(records, out / "loss_curves.png")
             plot_routing_share(routing_best, ids, out / "routing_share.png")
-        timing["total_s"] = time.perf_counter() - t_start
+        run.timing["total_s"] = time.perf_counter() - t_start
         report = {
-            "settings": settings,
+            "settings": cfg.settings(),
             "members": [info.to_dict() for info in model.infos],
             "data": {
                 **getattr(data, "report", {}),
-                "tokenized": {s.name: _split_report(s) for s in (train_tok, val_tok)},
-                "max_length_used": max_length,
+                "tokenized": {s.name: _split_report(s) for s in (feats.train_tok, feats.val_tok)},
+                "max_length_used": feats.max_length,
             },
             "metrics": {
                 "initial_val": _scalars(initial),
                 "best_val": _scalars(best_rec),
-                "best_epoch": best_epoch,
+                "best_epoch": loop.best_epoch,
                 "final_val": _scalars(final_rec),
-                "final_train": _scalars(next((r for r in reversed(log.records) if "train/nll" in r), None)),
+                "final_train": _scalars(next((r for r in reversed(records) if "train/nll" in r), None)),
             },
             "routing_share_val": {"best": routing_best, "final": _routing_from(final_rec, ids)},
-            "feature_cache": {
-                "enabled": cfg.feature_cache,
-                "dir": str(cfg.cache_dir()) if cfg.feature_cache else None,
-                **{
-                    name: {"path": str(getattr(f, "path", "")), "reused": f.reused, "bytes": f.nbytes}
-                    for name, f in (("train", train_f), ("val", val_f))
-                    if cfg.feature_cache
-                },
-            },
-            "timing": {**{k: round(v, 3) for k, v in timing.items()}, "resumed": resumed},
-            "steps": {"per_epoch": steps_per_epoch, "total": step, "epochs": cfg.num_epochs, "processes": dist.world},
+            "feature_cache": _cache_report(cfg, feats),
+            "timing": {**{k: round(v, 3) for k, v in run.timing.items()}, "resumed": loop.resumed},
+            "steps": {
+                "per_epoch": loop.steps_per_epoch,
+                "total": loop.step,
+                "epochs": cfg.optim.num_epochs,
+                "processes": run.dist.world,
+            },  # fmt: skip
             "outputs": {  # only what exists: a report never points at a file that was not written
                 k: v
                 for k, v in (
@@ -795,18 +967,31 @@ def _train(
             },  # fmt: skip
         }
         atomic_write_json(out / REPORT, report)
-    dist.barrier()
+    run.dist.barrier()
     return TrainResult(
         out,
-        cfg.num_epochs,
-        step,
-        best_val,
-        best_epoch,
+        cfg.optim.num_epochs,
+        loop.step,
+        loop.best_val,
+        loop.best_epoch,
         initial["val/nll"] if initial else None,
         final_rec,
         report,
         model,
     )
+
+
+def _cache_report(cfg: TrainConfig, feats: _Features) -> dict[str, Any]:
+    if not cfg.feature_cache:
+        return {"enabled": False, "dir": None}
+    return {
+        "enabled": True,
+        "dir": str(cfg.cache_dir()),
+        **{
+            name: {"path": str(getattr(f, "path", "")), "reused": f.reused, "bytes": f.nbytes}
+            for name, f in (("train", feats.train), ("val", feats.val))
+        },
+    }
 
 
 def _split_report(s: TokenizedSplit) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import salm.loss
 from salm import io, training
 from salm.cli import main as cli_main
 from salm.ensemble import CONFIG_NAME, WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError, read_weights
@@ -45,7 +46,7 @@ def _config(tmp_path: Path, data: Path, **kw) -> TrainConfig:
         feature_cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def _dead_pid() -> int:
@@ -91,7 +92,7 @@ def test_cli_refuses_infinite_learning_rate_in_one_line(tmp_path, capsys):
 
 def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny_ensemble, tmp_path, monkeypatch):
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    real = training.perfect_alignment_loss
+    real = salm.loss.perfect_alignment_loss
     train_calls = [0]
     nan_at = [5]  # 9 training rows, batch 4: 3 steps per epoch, so step 5 is in epoch 2
 
@@ -103,7 +104,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tiny
                 return dataclasses.replace(lo, loss=lo.loss * math.nan)
         return lo
 
-    monkeypatch.setattr(training, "perfect_alignment_loss", poisoned)
+    monkeypatch.setattr(salm.loss, "perfect_alignment_loss", poisoned)
     cfg = _config(tmp_path, data)
     with pytest.raises(TrainingError) as e:
         train(cfg, model=fresh(tiny_ensemble, head_hidden_dim=8))
@@ -284,7 +285,9 @@ def test_debris_of_dead_processes_is_removed_at_start_and_reported(tmp_path, cap
     legacy.mkdir()
     (legacy / "gold.bin").write_bytes(b"x" * 4)
     (out / ".notes.tmp.keep").write_text("not ours")
-    cfg = TrainConfig(datasets=[str(tmp_path / "missing.jsonl")], output_dir=str(out), feature_cache_dir=str(cache))
+    cfg = TrainConfig.from_flat(
+        datasets=[str(tmp_path / "missing.jsonl")], output_dir=str(out), feature_cache_dir=str(cache)
+    )
     with pytest.raises(FileNotFoundError):
         train(cfg)
     err = capsys.readouterr().err

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from salm import features, training
+import salm.loss
+from salm import features
 from salm.data import DataFormatError, Example
 from salm.ensemble import MultiModelWithScalarHeads
 from salm.features import FeatureCacheError, TokenizationError, load_or_build, tokenize_examples
@@ -74,7 +75,7 @@ def config(setup, out: Path, **kw) -> TrainConfig:
         val_fraction=0.25, log_every_n_steps=2, warmup_steps=2, learning_rate=1e-3, plots=False, progress=False,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def heads(model) -> dict[str, torch.Tensor]:
@@ -221,7 +222,7 @@ def test_resume_ends_with_the_same_heads(setup, tmp_path, monkeypatch):
 
     # A crash in the middle of epoch 2, after a metrics line past the checkpoint was written.
     out = tmp_path / "crashed"
-    real, n = training.perfect_alignment_loss, [0]
+    real, n = salm.loss.perfect_alignment_loss, [0]
 
     def boom(*a, **k):
         n[0] += 1
@@ -229,10 +230,10 @@ def test_resume_ends_with_the_same_heads(setup, tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(*a, **k)
 
-    monkeypatch.setattr(training, "perfect_alignment_loss", boom)
+    monkeypatch.setattr(salm.loss, "perfect_alignment_loss", boom)
     with pytest.raises(RuntimeError, match="killed"):
         train(config(setup, out, num_epochs=3), model=fresh(setup.ens))
-    monkeypatch.setattr(training, "perfect_alignment_loss", real)
+    monkeypatch.setattr(salm.loss, "perfect_alignment_loss", real)
     ck = torch.load(out / "checkpoint_last.pt", weights_only=True)
     assert ck["epoch"] == 1 and max(r["step"] for r in records(out)) > ck["global_step"]
     res = train(config(setup, out, num_epochs=3, resume=True), model=fresh(setup.ens))

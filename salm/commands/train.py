@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from salm.commands import common
 
@@ -17,30 +18,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     parser.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), help="hub ids or local files")
     parser.add_argument("--output_dir", default=d.output_dir)
-    parser.add_argument("--num_epochs", type=int, default=d.num_epochs)
-    parser.add_argument("--batch_size", type=int, default=d.batch_size, help="examples per optimizer step")
-    parser.add_argument("--learning_rate", type=float, default=d.learning_rate)
-    parser.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--entropy_weight", type=float, default=d.entropy_weight, help="router entropy bonus (>= 0)")
-    parser.add_argument("--head_hidden_dim", type=int, default=d.head_hidden_dim)
-    parser.add_argument("--head_dropout", type=float, default=d.head_dropout)
+    parser.add_argument("--num_epochs", type=int, default=d.optim.num_epochs)
+    parser.add_argument("--batch_size", type=int, default=d.optim.batch_size, help="examples per optimizer step")
+    parser.add_argument("--learning_rate", type=float, default=d.optim.learning_rate)
+    parser.add_argument("--warmup_steps", type=int, default=d.optim.warmup_steps)
+    add_loss_arguments(parser, d.loss)
+    parser.add_argument("--head_hidden_dim", type=int, default=d.heads.hidden_dim)
+    parser.add_argument("--head_dropout", type=float, default=d.heads.dropout)
     parser.add_argument(
-        "--router", choices=list(ROUTERS), default=d.router,
+        "--router", choices=list(ROUTERS), default=d.heads.router,
         help="seed: heads on each member's hidden state; confidence: + every member's next-token statistics; "
         "joint: one router over all members' hidden states and statistics",
     )  # fmt: skip
-    parser.add_argument(
-        "--disagreement_weight", type=float, default=d.disagreement_weight,
-        help="loss weight of positions where the members' argmax tokens differ (1 = the plain mixture NLL)",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--log_every_n_steps", type=int, default=d.log_every_n_steps)
+    parser.add_argument("--seed", type=int, default=d.optim.seed)
+    parser.add_argument("--log_every_n_steps", type=int, default=d.optim.log_every_n_steps)
     common.add_model_arguments(parser)
-    parser.add_argument("--max_length", type=int, default=d.max_length, help="tokens per example (prompt+answer)")
-    parser.add_argument("--val_fraction", type=float, default=d.val_fraction, help="held out when no val split")
+    parser.add_argument("--max_length", type=int, default=d.data.max_length, help="tokens per example (prompt+answer)")
+    parser.add_argument("--val_fraction", type=float, default=d.data.val_fraction, help="held out when no val split")
     parser.add_argument("--max_examples", type=int, default=None, help="first N rows per dataset (quick runs)")
     parser.add_argument(
-        "--loss_on", choices=["answer", "all"], default=d.loss_on, help="answer tokens only, or the whole text"
+        "--loss_on", choices=["answer", "all"], default=d.data.loss_on, help="answer tokens only, or the whole text"
     )
     parser.add_argument("--report_to", choices=["none", "wandb", "tensorboard"], default=d.report_to)
     parser.add_argument("--resume", action="store_true", help=f"continue from <output_dir>/{CHECKPOINT}")
@@ -49,9 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--feature_cache_dir", default=None, help=f"default: <output_dir>/feature_cache, or ${CACHE_ENV}/features"
     )
     parser.add_argument("--no_plots", action="store_true", help="skip loss_curves.png and routing_share.png")
-    parser.add_argument(
-        "--allow_negative_entropy_weight", action="store_true", help="accept --entropy_weight < 0 (an entropy penalty)"
-    )
+
+
+def add_loss_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:
+    """One flag per :class:`salm.loss.LossConfig` field (its name, type, default and ``help`` metadata), so a
+    new loss term needs no edit here."""
+    from dataclasses import fields
+
+    for f in fields(defaults):
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata.get("help"))
+        else:
+            parser.add_argument(f"--{f.name}", type=type(value), default=value, help=f.metadata.get("help"))
 
 
 def config_from_args(args: argparse.Namespace):

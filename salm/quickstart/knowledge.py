@@ -364,7 +364,7 @@ def run_knowledge(
         if name not in ROUTER_VARIANTS:
             raise ValueError(f"unknown router variant {name!r}; expected one of {', '.join(ROUTER_VARIANTS)}")
         t = time.perf_counter()
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             datasets=member_ids(recipe), output_dir=str(out / name), num_epochs=num_epochs, batch_size=16,
             learning_rate=3e-3, warmup_steps=10, entropy_weight=0.0, seed=seed, models=str(root / "members.yaml"),
             device="cpu", dtype="float32", max_length=64, feature_cache_dir=str(out / "feature_cache"),

@@ -116,7 +116,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
             "datasets": {d: {"source": str(art.data_files[d]["train"]), "train": len(v)} for d, v in train_sets.items()}
         },
     )
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         datasets=sorted(train_sets),
         output_dir=str(out / "training"),
         num_epochs=s.num_epochs,
