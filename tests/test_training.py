@@ -407,3 +407,27 @@ def test_wandb_offline_run_for_real(setup, tmp_path, monkeypatch):
     run_id = (out / "wandb_run_id.txt").read_text().strip()
     runs = list((out / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+
+
+def test_train_config_parts_round_trip_through_flat_settings():
+    """The flat settings (flags, reports, resume views) and the parts are one config: from_flat(settings())
+    rebuilds it exactly, each flag lands in its part, and the resume keys are those checkpoints have always had."""
+    from salm.heads import HeadConfig
+    from salm.training import RESUME_KEYS
+
+    cfg = TrainConfig.from_flat(
+        datasets=["a.jsonl"], batch_size=3, entropy_weight=0.0, disagreement_weight=2.0, head_hidden_dim=16,
+        router="joint", max_length=64, seed=7, output_dir="o", progress=True,
+    )  # fmt: skip
+    assert cfg.optim.batch_size == 3 and cfg.optim.seed == 7 and cfg.data.max_length == 64
+    assert cfg.loss.entropy_weight == 0.0 and cfg.loss.disagreement_weight == 2.0
+    assert cfg.heads == HeadConfig(hidden_dim=16, router="joint")
+    assert TrainConfig.from_flat(**cfg.settings()) == cfg
+    assert TrainConfig.from_flat() == TrainConfig() and TrainConfig().heads.router == "confidence"
+    assert set(RESUME_KEYS) == {
+        "datasets", "batch_size", "learning_rate", "warmup_steps", "entropy_weight", "head_hidden_dim",
+        "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on", "router",
+        "disagreement_weight",
+    }  # fmt: skip
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['head_width'\]"):
+        TrainConfig.from_flat(head_width=8)
