@@ -508,11 +508,58 @@ def evaluate_task(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate one task; writes ``results.json`` and ``predictions.jsonl`` into ``out_dir``.
 
+    choose modes -> generate and/or score options -> headline numbers -> teacher forcing -> write.
     Returns (the results dict, HTML items for the examples page).
     """
     t0 = time.perf_counter()
     names = _model_names(model, settings)
     prompts = [task.prompt(ex) for ex in examples]
+    n_cut = _warn_cut_prompts(model, task, prompts, settings)
+    do_gen, do_loglik = choose_modes(task, examples, settings)
+    runs = _TaskRuns(names)
+    if do_gen:
+        _add_generative(runs, model, task, examples, prompts, settings, out_dir)
+    if do_loglik:
+        _add_loglik(runs, model, task, examples, settings)
+    promote_headlines(runs.models)
+    teacher = _teacher_forced(model, task, examples, settings) if settings.teacher_forced else None
+    result = {
+        "dataset": task.name,
+        "task": task.describe(),
+        "n": len(examples),
+        "example_ids": [ex.id for ex in examples],
+        "prompts_cut_to_context": n_cut,
+        "random_baseline": task.random_baseline,
+        "majority_baseline": _majority_baseline(examples),
+        "models": runs.models,
+        "improvement_over_best": runs.improvement,
+        "decision_patterns": runs.patterns,
+        "teacher_forced": teacher,
+        "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    atomic_write_json(out_dir / "results.json", result)
+    atomic_write_jsonl(out_dir / "predictions.jsonl", runs.predictions)
+    return result, runs.html
+
+
+@dataclass
+class _TaskRuns:
+    """What one task's runs collect: per-model results by mode, prediction rows, the ensemble's decision
+    patterns and examples-page items, and the ensemble's improvement over the best member per mode."""
+
+    names: list[str]
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    patterns: dict[str, Any] = field(default_factory=dict)
+    html: list[dict[str, Any]] = field(default_factory=list)
+    improvement: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.models = {name: {} for name in self.names}
+
+
+def _warn_cut_prompts(model: Any, task: Task, prompts: list[str], settings: EvalSettings) -> int:
     n_cut = count_cut_prompts(model.tokenizer, prompts, model.context_length, settings.decode.max_new_tokens)
     if n_cut:
         logger.warning(
@@ -522,37 +569,55 @@ def evaluate_task(
             len(prompts),
             model.context_length,
         )
-    # Log-likelihood needs options (a formatted MedQA copy may have none): otherwise fall back to generation.
+    return n_cut
+
+
+def choose_modes(task: Task, examples: Sequence[Example], settings: EvalSettings) -> tuple[bool, bool]:
+    """(generate?, score options by log-likelihood?). Log-likelihood needs options (a formatted MedQA copy
+    may have none): without them a task that asked for loglik only falls back to generation."""
     has_choices = any(build(ex) for build in task.loglik.values() for ex in examples)
     do_loglik = has_choices and settings.choice_mode != "generative"
     do_gen = task.generative and (settings.choice_mode != "loglik" or not do_loglik)
-    models: dict[str, dict[str, Any]] = {name: {} for name in names}
-    predictions: list[dict[str, Any]] = []
-    patterns: dict[str, Any] = {}
-    html: list[dict[str, Any]] = []
-    improvement: dict[str, Any] = {}
+    return do_gen, do_loglik
 
-    if do_gen:
-        gen, rows, patterns, html = _run_generative(model, task, examples, prompts, names, settings, out_dir)
-        predictions += rows
-        for name in names:
-            models[name]["generative"] = gen[name]
-        if len(names) > 1:
-            improvement["generative"] = improvement_over_best(
-                gen[ENSEMBLE]["accuracy"], {n: gen[n]["accuracy"] for n in names if n != ENSEMBLE}
-            )
-    if do_loglik:
-        ll, rows = _run_loglik(model, task, examples, names, settings)
-        predictions += rows
-        first = next(iter(task.loglik))
-        for name in names:
-            models[name]["loglik"] = ll[name]
-        if len(names) > 1 and ll[ENSEMBLE]:
-            improvement["loglik"] = improvement_over_best(
-                ll[ENSEMBLE][first]["acc"]["accuracy"],
-                {n: ll[n][first]["acc"]["accuracy"] for n in names if n != ENSEMBLE},
-            )
-    # Headline numbers per model: generative when run, else the first loglik variant's acc.
+
+def _add_generative(
+    runs: _TaskRuns,
+    model: Any,
+    task: Task,
+    examples: list[Example],
+    prompts: list[str],
+    settings: EvalSettings,
+    out_dir: Path,
+) -> None:
+    names = runs.names
+    gen, rows, runs.patterns, runs.html = _run_generative(model, task, examples, prompts, names, settings, out_dir)
+    runs.predictions += rows
+    for name in names:
+        runs.models[name]["generative"] = gen[name]
+    if len(names) > 1:
+        runs.improvement["generative"] = improvement_over_best(
+            gen[ENSEMBLE]["accuracy"], {n: gen[n]["accuracy"] for n in names if n != ENSEMBLE}
+        )
+
+
+def _add_loglik(runs: _TaskRuns, model: Any, task: Task, examples: list[Example], settings: EvalSettings) -> None:
+    names = runs.names
+    ll, rows = _run_loglik(model, task, examples, names, settings)
+    runs.predictions += rows
+    first = next(iter(task.loglik))
+    for name in names:
+        runs.models[name]["loglik"] = ll[name]
+    if len(names) > 1 and ll[ENSEMBLE]:
+        runs.improvement["loglik"] = improvement_over_best(
+            ll[ENSEMBLE][first]["acc"]["accuracy"],
+            {n: ll[n][first]["acc"]["accuracy"] for n in names if n != ENSEMBLE},
+        )
+
+
+def promote_headlines(models: dict[str, dict[str, Any]]) -> None:
+    """Each model's headline numbers (accuracy, interval, n, ...) at the top of its entry: the generative
+    run's when there was one, else the first log-likelihood variant's ``acc``."""
     for entry in models.values():
         if "generative" in entry:
             head = entry["generative"]
@@ -564,36 +629,17 @@ def evaluate_task(
             entry["detection_rate"] = 1.0  # a likelihood comparison always yields an answer
             entry["primary"] = f"loglik/{next(iter(entry['loglik']))}"
 
-    teacher = None
-    if settings.teacher_forced:
-        teacher = teacher_forced_metrics(
-            model,
-            examples,
-            settings.batch_size,
-            prompt=task.prompt,
-            target=task.target,
-            progress=nested_progress(settings.progress),
-            desc=f"{task.name} teacher forcing",
-        )
 
-    result = {
-        "dataset": task.name,
-        "task": task.describe(),
-        "n": len(examples),
-        "example_ids": [ex.id for ex in examples],
-        "prompts_cut_to_context": n_cut,
-        "random_baseline": task.random_baseline,
-        "majority_baseline": _majority_baseline(examples),
-        "models": models,
-        "improvement_over_best": improvement,
-        "decision_patterns": patterns,
-        "teacher_forced": teacher,
-        "settings": {**settings.to_dict(), "members": list(model.model_ids)},
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
-    atomic_write_json(out_dir / "results.json", result)
-    atomic_write_jsonl(out_dir / "predictions.jsonl", predictions)
-    return result, html
+def _teacher_forced(model: Any, task: Task, examples: list[Example], settings: EvalSettings) -> dict[str, Any]:
+    return teacher_forced_metrics(
+        model,
+        examples,
+        settings.batch_size,
+        prompt=task.prompt,
+        target=task.target,
+        progress=nested_progress(settings.progress),
+        desc=f"{task.name} teacher forcing",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
