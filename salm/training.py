@@ -1,4 +1,10 @@
-"""``salm train`` (and the seed's ``python src/train.py``): train the routing heads on frozen members.
+"""Train the routing heads on frozen members: :func:`train` with a :class:`TrainConfig` (the library behind
+``salm train`` and the seed's ``python src/train.py``, whose flags live in :mod:`salm.commands.train`).
+
+:class:`TrainConfig` is composed of parts: :class:`DataConfig` (what to train on), :class:`salm.loss.LossConfig`
+(what to minimise), :class:`OptimConfig` (how) and :class:`salm.heads.HeadConfig` (which heads). :func:`train`
+reads as its stages: :func:`load_data` -> :func:`build_model` -> :func:`build_features` -> :func:`optimise` ->
+:func:`save_and_report`.
 
 The members never change, so by default their features at every loss position are extracted once into
 an on-disk cache (:mod:`salm.features`) and every epoch trains the heads on it; ``--no_feature_cache``

@@ -1,4 +1,5 @@
-"""``salm harness``: the ensemble and every member through lm-evaluation-harness, on the same tasks, in one call.
+"""The ensemble and every member through lm-evaluation-harness, on the same tasks, in one call: :func:`run_harness`
+(``salm harness``; its flags live in :mod:`salm.commands.harness`).
 
 The members are loaded once; each model is the ``salm`` lm-eval model on that ensemble with its own routing
 (the ensemble's, then ``member:<id>`` per member), so all share tokenization, batching, stopping and few-shot

@@ -1,5 +1,5 @@
-"""``salm knowledge``: a benchmark that isolates self-aware routing -- does the router send a question to
-the member that *knows* the answer?
+"""The knowledge-split benchmark (``salm knowledge``, flags in :mod:`salm.commands.knowledge`): it isolates
+self-aware routing -- does the router send a question to the member that *knows* the answer?
 
 Members are fine-tuned from one small base on *disjoint* sets of synthetic facts (invented people and
 their colour / pet / city), asked in one identical template, so nothing in the prompt says which member

@@ -1,4 +1,5 @@
-"""``salm quickstart``: the whole pipeline, offline on the CPU, on the small embedded default ensemble.
+"""The whole pipeline, offline on the CPU, on the small embedded default ensemble: :func:`run_quickstart` with
+:class:`QuickstartSettings` (``salm quickstart``; its flags live in :mod:`salm.commands.quickstart`).
 
 Every stage is the real one, called as a user would call it: members built (or reused) as ordinary
 Hugging Face folders plus a member-set file (:mod:`salm.quickstart.build`), heads trained by
