@@ -137,3 +137,22 @@ def test_nested_bars_show_on_a_terminal(monkeypatch):
     assert nested_progress(True) is False  # pytest captures stderr: not a terminal
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert nested_progress(True) is True and nested_progress(False) is False
+
+
+def test_every_loss_config_field_is_a_train_flag_with_its_default_and_help():
+    """A new loss term is one LossConfig field: salm train grows its flag (name, default, help) by itself,
+    and the flag's value reaches the config the command builds."""
+    from dataclasses import fields
+
+    from salm.commands.train import config_from_args
+    from salm.loss import LossConfig
+
+    parser = build_parser(["train"])
+    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    by_flag = {a.option_strings[0]: a for a in sub._actions if a.option_strings}
+    for f in fields(LossConfig):
+        action = by_flag[f"--{f.name}"]
+        assert action.default == f.default and action.help.startswith(f.metadata["help"])
+    args = parser.parse_args(["train", "--disagreement_weight", "3", "--allow_negative_entropy_weight"])
+    loss = config_from_args(args).loss
+    assert loss == LossConfig(disagreement_weight=3.0, allow_negative_entropy_weight=True)
