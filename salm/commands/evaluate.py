@@ -15,7 +15,7 @@ from typing import Any
 
 from salm.commands import common
 
-logger = logging.getLogger("salm.evaluation.runner")  # the warnings keep the name they always had
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 top_k=args.top_k,
                 routing=args.routing,
                 compile=args.compile,
-            ),  # fmt: skip
+            ),
             batch_size=args.batch_size,
             only_ensemble=args.only_ensemble,
             choice_mode=args.medqa_mode,
