@@ -62,7 +62,7 @@ def quickstart_variants(variants: list[str], seed: int, out: Path, progress: boo
         row = {}
         tok = {}
         for d in DOMAINS:
-            right, routed, _, differ, _ = token_choices(model, load["test"][d])
+            right, routed, _, differ, _, _ = token_choices(model, load["test"][d])
             tok[d] = (right, routed, differ)
         tok["mixed"] = tuple(torch.cat([tok[d][i] for d in DOMAINS]) for i in range(3))
         for d, m in tf.items():

@@ -66,3 +66,87 @@ def confidence_stats(logits: torch.Tensor) -> torch.Tensor:
 def disagreement(stats: torch.Tensor) -> torch.Tensor:
     """``[..., F]`` statistics -> ``[...]`` bool: the members' argmax tokens differ (where routing matters)."""
     return stats[..., -1] < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- history
+HISTORY_DECAY = 0.8
+"""Weight of the past in the recent-record average (``0.8``: about the last five tokens)."""
+
+
+def history_dim(n_members: int) -> int:
+    """Floats per position of :func:`history_features`: each member's mean and recent log-prob."""
+    return 2 * n_members
+
+
+def history_names(model_ids: list[str]) -> list[str]:
+    return [f"{stat}[{m}]" for stat in ("record", "recent") for m in model_ids]
+
+
+def stored_dim(n_members: int) -> int:
+    """Floats per position the feature cache stores: the history, then the statistics (every router's input)."""
+    return history_dim(n_members) + stats_dim(n_members)
+
+
+class History:
+    """Each member's record on the text so far: how well it predicted every token already read or written.
+
+    The statistics above describe one next-token distribution; they cannot tell a member that *knows* a
+    fact from one that confidently guesses (both put ~all mass on one token). The text before the answer
+    can: a member fine-tuned on facts about a person predicts that person's name far better than one that
+    never saw it, and a member fluent in the current passage keeps predicting it well. Per row and member it
+    keeps the sum of log-probs of the tokens seen (-> the mean, ``record``) and an exponential average of
+    the latest ones (``recent``, decay :data:`HISTORY_DECAY`): ``2 * M`` floats, both 0 before any token.
+
+    Generation resets it from the members' log-probs of the prompt's tokens (prefill), then observes
+    (:meth:`observe`) each chosen token under the logits it was chosen from; feature extraction replays the
+    same recurrence over the gold text (:func:`history_over`), so training and decoding see identical inputs.
+    """
+
+    def __init__(self, rows: int, n_members: int, device: torch.device | str | None = None):
+        self.state = torch.zeros(rows, 2 * n_members + 1, device=device)  # sum[M], recent[M], count[1]
+        self.M = n_members
+
+    def update(self, logp: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Add one token per row: ``logp`` [rows, M] (each member's log-prob of it); rows not ``valid`` keep theirs."""
+        M, s = self.M, self.state
+        logp = logp.float().clamp(min=LOGPROB_FLOOR)
+        count = s[:, -1:]
+        recent = torch.where(count > 0, HISTORY_DECAY * s[:, M : 2 * M] + (1 - HISTORY_DECAY) * logp, logp)
+        new = torch.cat([s[:, :M] + logp, recent, count + 1], -1)
+        self.state = new if valid is None else torch.where(valid[:, None], new, s)
+
+    def observe(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add the chosen ``tokens`` [rows] under the step's member ``logits`` [rows, M, V]."""
+        logits = logits.float()
+        picked = logits.gather(-1, tokens.to(logits.device)[:, None, None].expand(-1, logits.shape[1], 1))
+        self.update((picked.squeeze(-1) - logits.logsumexp(-1)).to(self.state.device))
+
+    def features(self) -> torch.Tensor:
+        """[rows, 2M]: mean log-prob so far (``record``) and the recent average, 0 before any token."""
+        M, s = self.M, self.state
+        count = s[:, -1:]
+        return torch.cat([s[:, :M] / count.clamp(min=1), s[:, M : 2 * M]], -1)
+
+    def replay(self, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Start over and read a whole text: ``logp`` [rows, L, M] (position ``t``: each member's log-prob of
+        token ``t`` given those before it), ``valid`` [rows, L] where that exists -> [rows, L, 2M] the features
+        after each position (what a router predicting the next token sees)."""
+        self.state = torch.zeros_like(self.state)
+        out = []
+        for t in range(logp.shape[1]):
+            self.update(logp[:, t], valid[:, t])
+            out.append(self.features())
+        return torch.stack(out, 1) if out else logp.new_zeros(logp.shape[0], 0, 2 * self.M)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) rows: ``index`` [rows'] as ``Tensor.index_select`` takes it."""
+        self.state = self.state.index_select(0, index.to(self.state.device))
+
+    def extend(self, other: History) -> None:
+        """Append ``other``'s rows (a server admitting requests into a running batch)."""
+        self.state = torch.cat([self.state, other.state.to(self.state.device)], 0)
+
+
+def history_over(logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Teacher forced: :meth:`History.replay` on a fresh history (the same float operations as decoding)."""
+    return History(logp.shape[0], logp.shape[-1], logp.device).replay(logp, valid)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm import __version__
-from salm.confidence import confidence_stats, stats_dim
+from salm.confidence import History, confidence_stats, history_dim, history_over, stats_dim, stored_dim
 from salm.generation import FROM_CONFIG
 from salm.heads import HeadConfig, HeadConfigError, JointRouter, ScalarProjectionHead
 from salm.io import atomic_dir, atomic_write_json
@@ -165,10 +165,10 @@ class MultiModelWithScalarHeads(nn.Module):
         ]
 
     def build_router(self, router: str) -> None:
-        """(Re)create fresh heads of variant ``router`` (``seed``, ``confidence`` or ``joint``)."""
+        """(Re)create fresh heads of variant ``router`` (``seed``, ``confidence``, ``joint`` or ``aware``)."""
         self.head_config = dataclasses.replace(self.head_config, router=router)  # checked like the constructor
         dim, drop, norm = self.head_config.hidden_dim, self.head_config.dropout, self.head_config.norm
-        f = stats_dim(len(self.model_ids)) if router != "seed" else 0
+        f = self.stats_width
         if router == "joint":
             heads = {mid: nn.Linear(h, dim) for mid, h in zip(self.model_ids, self.hidden_sizes)}
             self.joint_router = JointRouter(len(self.model_ids), f, dim, drop)
@@ -208,12 +208,62 @@ class MultiModelWithScalarHeads(nn.Module):
         """Whether the router reads the members' confidence statistics (generation computes them only then)."""
         return self.router != "seed"
 
-    def confidence_features(self, logits: torch.Tensor) -> torch.Tensor | None:
-        """Router statistics from stacked member logits ``[..., M, V]``, or None for a router that ignores them.
+    @property
+    def uses_history(self) -> bool:
+        """Whether the router reads the members' record on the text so far (:class:`salm.confidence.History`)."""
+        return self.router == "aware"
 
-        Generation's hook: the one place it turns the logits it already has into router input.
+    @property
+    def stats_width(self) -> int:
+        """Router statistics per position: 0 (seed), the confidence statistics, or those after the history."""
+        M = len(self.model_ids)
+        if self.router == "seed":
+            return 0
+        return stats_dim(M) + (history_dim(M) if self.uses_history else 0)
+
+    def confidence_features(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Router statistics from stacked member logits ``[..., M, V]`` (and, for the ``aware`` router, the
+        history features ``[..., 2M]``), or None for a router that ignores them.
+
+        Generation's hook: the one place it turns the logits it already has into router input. The layout
+        matches the feature cache's: history first, then the confidence statistics (see :meth:`member_features`).
         """
-        return confidence_stats(logits) if self.uses_stats else None
+        if not self.uses_stats:
+            return None
+        stats = confidence_stats(logits)
+        if not self.uses_history:
+            return stats
+        if history is None:
+            raise ValueError("the 'aware' router needs the members' history on the text so far (history=)")
+        return torch.cat([history.to(stats.device, stats.dtype), stats], -1)
+
+    def new_history(self, rows: int) -> History | None:
+        """An empty :class:`~salm.confidence.History` for ``rows`` sequences, or None when the router reads none."""
+        return History(rows, len(self.model_ids), self.device) if self.uses_history else None
+
+    def token_logprobs(self, i: int, hidden: torch.Tensor, logits: torch.Tensor | None, input_ids: torch.Tensor):
+        """Member ``i``'s log-prob of each token given those before it: ``[B, L]`` (position 0: 0).
+
+        From its final hidden states ``[B, L, H]`` through its LM head in chunks of positions (no ``[B, L, V]``
+        tensor), or from ``logits`` ``[B, L, V]`` when its head cannot run apart.
+        """
+        B, L = input_ids.shape
+        out = torch.zeros(B, L, device=self.device)
+        if L < 2:
+            return out
+        nxt = input_ids[:, 1:].to(self.device)
+        head = None if logits is not None else self.members[i].get_output_embeddings()
+        rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * B))
+        with torch.no_grad():
+            for s in range(0, L - 1, rows):
+                e = min(s + rows, L - 1)
+                if head is None:
+                    lg = logits[:, s:e]
+                else:
+                    lg = head(hidden[:, s:e].to(self.member_device(i)))[..., : self.vocab_size].float()
+                lg = lg.to(self.device)
+                out[:, s + 1 : e + 1] = lg.gather(-1, nxt[:, s:e, None]).squeeze(-1) - lg.logsumexp(-1)
+        return out
 
     # ------------------------------------------------------------------ members
     @property
@@ -309,7 +359,7 @@ class MultiModelWithScalarHeads(nn.Module):
         targets = nxt[mask]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         M = len(self.members)
-        hidden, sources = [], []
+        hidden, sources, read = [], [], []
         for i, member in enumerate(self.members):
             split = self._split_head(i)
             h, logits, _ = self.run_member(
@@ -317,6 +367,7 @@ class MultiModelWithScalarHeads(nn.Module):
             )
             hidden.append(h)
             sources.append((h[mask], member.get_output_embeddings()) if split else (logits[mask], None))
+            read.append(self.token_logprobs(i, h, None if split else logits, input_ids))
         n = int(mask.sum())
         rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * M))
         gold_parts, stat_parts = [], []
@@ -334,24 +385,32 @@ class MultiModelWithScalarHeads(nn.Module):
                 gold_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lg.logsumexp(-1))
                 stat_parts.append(confidence_stats(lg))
         gold = torch.zeros(*mask.shape, M, device=self.device)
-        stats = torch.zeros(*mask.shape, stats_dim(M), device=self.device)
+        stats = torch.zeros(*mask.shape, stored_dim(M), device=self.device)
         if n:
+            # [B, L, 2M]: each member's record after reading token t, what routes token t + 1
+            history = history_over(torch.stack(read, -1), _read_mask(attention_mask.to(self.device)))
             gold[mask] = torch.cat(gold_parts).float()
-            stats[mask] = torch.cat(stat_parts)
+            stats[mask] = torch.cat([history[mask], torch.cat(stat_parts)], -1)
         return hidden, gold, stats, mask
 
     # ------------------------------------------------------------------ heads
     def router_logits(self, hidden_states: Sequence[torch.Tensor], stats: torch.Tensor | None = None) -> torch.Tensor:
         """Per-member hidden states [..., H_m] (+ confidence statistics [..., F]) -> routing scores [..., M].
 
-        ``stats`` (from :func:`salm.confidence.confidence_stats`) is required by the ``confidence`` and
-        ``joint`` routers and ignored by ``seed`` heads.
+        ``stats`` (from :meth:`confidence_features`, or the feature cache's wider rows: history, then the
+        confidence statistics) is required by the ``confidence``, ``joint`` and ``aware`` routers and ignored by
+        ``seed`` heads; each router reads its last :attr:`stats_width` columns.
         """
         hs = [h.to(self.device).detach() for h in hidden_states]
         if self.router != "seed":
             if stats is None:
                 raise ValueError(f"the {self.router!r} router needs the members' confidence statistics (stats=)")
-            stats = stats.to(self.device).detach()
+            if stats.shape[-1] < self.stats_width:
+                raise ValueError(
+                    f"the {self.router!r} router reads {self.stats_width} statistics per position, "
+                    f"got {stats.shape[-1]}"
+                )
+            stats = stats[..., -self.stats_width :].to(self.device).detach()
         if self.router == "joint":
             return self.joint_router(
                 [self.projection_heads[mid](h) for mid, h in zip(self.model_ids, hs)], stats
@@ -381,11 +440,19 @@ class MultiModelWithScalarHeads(nn.Module):
         if labels is None:
             mo = self.member_outputs(input_ids, attention_mask)
             stacked = torch.stack(mo.logits, dim=2)  # [B, L, M, V]
+            logprobs = F.log_softmax(stacked, dim=-1)
+            history = None
+            if self.uses_history:
+                ids = input_ids.to(self.device)
+                read = torch.zeros(*ids.shape, len(self.members), device=self.device)
+                nxt = ids[:, 1:, None, None].expand(-1, -1, read.shape[-1], 1)
+                read[:, 1:] = logprobs[:, :-1].gather(-1, nxt)[..., 0]
+                history = history_over(read, _read_mask(attention_mask.to(self.device)))
             out = EnsembleOutput(
-                router_logits=self.router_logits(mo.hidden_states, self.confidence_features(stacked)),
+                router_logits=self.router_logits(mo.hidden_states, self.confidence_features(stacked, history)),
                 hidden_states=mo.hidden_states if return_hidden_states else None,
             )
-            out.logprobs = F.log_softmax(stacked, dim=-1)
+            out.logprobs = logprobs
             return out
         hidden, gold, stats, mask = self.member_features(input_ids, attention_mask, labels)
         out = EnsembleOutput(
@@ -575,11 +642,22 @@ def _with_overrides(config: HeadConfig, **fields: Any) -> HeadConfig:
     return dataclasses.replace(config, **given) if given else config
 
 
+def _read_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> where a token has a log-prob given those before it: it and its predecessor are real."""
+    seen = attention_mask.bool()
+    return torch.cat([torch.zeros_like(seen[:, :1]), seen[:, 1:] & seen[:, :-1]], 1)
+
+
 def router_of_state(state: dict[str, torch.Tensor]) -> str:
     """The router variant a state dict holds (for weights saved without a config, e.g. ``.pt`` files)."""
     if any(k.startswith("joint_router.") for k in state):
         return "joint"
-    return "confidence" if any(".stats_projection." in k for k in state) else "seed"
+    widths = {v.shape[-1] for k, v in state.items() if k.endswith(".stats_projection.weight")}
+    if not widths:
+        return "seed"
+    # aware heads read the history (2M floats) before the M*M + 3M + 1 statistics: M*M + 5M + 1 in all
+    M = len({k.split(".")[1] for k in state if k.startswith("projection_heads.")})
+    return "aware" if widths == {stats_dim(M) + history_dim(M)} else "confidence"
 
 
 def heads_of_state(state: dict[str, torch.Tensor]) -> HeadConfig:

@@ -148,8 +148,8 @@ def _compiled_step(model, run: tuple[int, ...], heads: bool):
         device = model.member_device(run[0])
         mode = "reduce-overhead" if device.type == "cuda" else None
 
-        def step(ids, mask, pos, caches):
-            return ensemble_step(model, run, heads, ids, mask, pos, caches)
+        def step(ids, mask, pos, caches, history=None):  # history: the features tensor (inputs must be tensors)
+            return ensemble_step(model, run, heads, ids, mask, pos, caches, history)
 
         dynamo_config = importlib.import_module("torch._dynamo").config
         # Each (batch, cache length) bucket is one more graph of the same function; allow a few dozen.
@@ -190,6 +190,7 @@ class StaticStepper:
         self.pos = mask.sum(-1, keepdim=True)  # position of the first generated token, per row
         self.caches, self._keys = _caches(model, run, self.batch, self.length)
         self.live = torch.arange(self.rows, device=mask.device)  # caller rows in the batch, in slot order
+        self.history = model.new_history(self.batch) if heads else None
         self._fn = _compiled_step(model, run, heads) if self.compile else None
 
     def close(self) -> None:
@@ -204,7 +205,8 @@ class StaticStepper:
         ids = self._pad_rows(ids)
         pos = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self._check_room(ids.shape[1])
-        return self._trim(ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches))
+        return self._trim(ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches,
+                                        self.history))  # fmt: skip
 
     def step(
         self, token: torch.Tensor, finished: Sequence[bool] | None = None
@@ -218,6 +220,8 @@ class StaticStepper:
         from salm.generation import ensemble_step
 
         self._check_room(1)
+        if self.history is not None:  # every slot's chosen token, under the logits it was chosen from
+            self.history.observe(self.logits, self._pad_rows(token[self.live][:, None])[:, 0])
         if finished is not None:
             self._shrink(finished)
         ids, pos = self._pad_rows(token[self.live][:, None]), self.pos
@@ -226,7 +230,8 @@ class StaticStepper:
             out = self._compiled(ids, pos)
             if out is not None:
                 return self._trim(out)
-        return self._trim(ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches))
+        feats = None if self.history is None else self.history.features()
+        return self._trim(ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches, feats))
 
     def _check_room(self, n: int) -> None:
         if self.fed + n > self.length:
@@ -259,6 +264,8 @@ class StaticStepper:
         _release(self.model, self._keys)
         self.caches, self._keys, self.batch = caches, keys, batch
         self.mask, self.pos = self.mask.index_select(0, sel), self.pos.index_select(0, sel)
+        if self.history is not None:
+            self.history.select(sel)
         self.live = torch.tensor(live, device=self.pos.device)
 
     def _compiled(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -270,7 +277,8 @@ class StaticStepper:
         counters = [layer.cumulative_length.clone() for layer in layers] if first else None
         t0 = time.perf_counter()
         try:
-            out = self._fn(ids, self.mask, pos, self.caches)
+            feats = None if self.history is None else self.history.features()
+            out = self._fn(ids, self.mask, pos, self.caches, feats)
             if first and self.model.member_device(self.run[0]).type == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, never crash a generation
@@ -299,6 +307,7 @@ class StaticStepper:
     def _trim(self, out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Outputs for the caller's rows, in its order (a finished row gets the first live row's outputs)."""
         logits, probs = out
+        self.logits = logits  # every slot's, for the history's next observe
         n = self.live.shape[0]
         if n == self.rows:
             index = None if self.batch == self.rows else slice(0, self.rows)

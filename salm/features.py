@@ -11,9 +11,11 @@ Layout of one cached split, ``<cache_dir>/<split>-<key[:16]>/``:
   fp32 members; 2 bytes for fp16, and for bf16 members their raw bits), so the cache is lossless and
   cached training equals ``--no_feature_cache`` up to summation order;
 * ``gold.bin``: ``[P, M]`` fp32 log p_m(gold token);
-* ``stats.bin``: ``[P, F]`` fp32 confidence statistics of every member's next-token distribution
-  (:func:`salm.confidence.confidence_stats`, ``F = M*M + 3*M + 1``: 19 floats for three members), what the
-  ``confidence``/``joint`` routers read and the disagreement-weighted loss weighs by;
+* ``stats.bin``: ``[P, F]`` fp32 router statistics (:func:`salm.confidence.stored_dim`, ``F = M*M + 5*M + 1``:
+  25 floats for three members): each member's record on the text so far (:class:`salm.confidence.History`,
+  ``2*M``, what the ``aware`` router adds), then the confidence statistics of every member's next-token
+  distribution (:func:`salm.confidence.confidence_stats`, ``M*M + 3*M + 1``), what the ``confidence``/``joint``
+  routers read and the disagreement-weighted loss weighs by;
 * ``offsets.bin``: ``[N + 1]`` int64, example ``n`` owns positions ``offsets[n]:offsets[n+1]``;
 * ``manifest.json``, written last: the key, the key's ingredients and the shapes.
 
@@ -40,10 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from salm.confidence import stats_dim
+from salm.confidence import stored_dim
 from salm.io import atomic_write_json, human_bytes, owner_tag
 
-FORMAT_VERSION = 2  # 2: stats.bin
+FORMAT_VERSION = 3  # 2: stats.bin; 3: stats.bin rows start with the members' history
 MANIFEST = "manifest.json"
 # Extraction batches hold at most this many (padded) tokens; examples are length-sorted to cut padding.
 # CPUs run fastest on cache-sized batches (measured: 2048 tokens ~1.6x faster than 16384); accelerators on big ones.
@@ -345,7 +347,7 @@ def extract_features(
     ]
     gold = np.memmap(folder / "gold.bin", dtype=np.float32, mode="r+", shape=(max(p, 1), len(model.members)))
     stats = np.memmap(
-        folder / "stats.bin", dtype=np.float32, mode="r+", shape=(max(p, 1), stats_dim(len(model.members)))
+        folder / "stats.bin", dtype=np.float32, mode="r+", shape=(max(p, 1), stored_dim(len(model.members)))
     )
     lengths = [len(x) for x in split.input_ids]
     dev = model.member_device(0).type
@@ -437,7 +439,7 @@ def _plan_files(model: Any, split: TokenizedSplit) -> tuple[np.ndarray, dict[str
         for i, (s, h) in enumerate(zip(storage, model.hidden_sizes))
     }
     files["gold.bin"] = rows * len(model.members) * 4
-    files["stats.bin"] = rows * stats_dim(len(model.members)) * 4
+    files["stats.bin"] = rows * stored_dim(len(model.members)) * 4
     files["offsets.bin"] = offsets.nbytes
     return offsets, files
 
@@ -472,7 +474,7 @@ def _manifest(
         "n_examples": len(split),
         "n_positions": int(offsets[-1]),
         "n_members": len(model.members),
-        "stats_dim": stats_dim(len(model.members)),
+        "stats_dim": stored_dim(len(model.members)),
         "member_ids": list(model.model_ids),
         "hidden_sizes": list(model.hidden_sizes),
         "dtypes": [str(d) for d in member_dtypes(model)],

@@ -6,6 +6,8 @@ Router variants (``salm train --router``, recorded as ``heads.router`` in ``salm
 * ``seed``: one :class:`ScalarProjectionHead` per member on its own final hidden state (the seed's heads);
 * ``confidence``: the same heads, each also reading the statistics of every member's next-token
   distribution through an extra linear map added to its first layer (``stats_projection``);
+* ``aware``: the ``confidence`` heads also reading each member's record on the text so far
+  (:class:`salm.confidence.History`): who predicted the prompt and the answer so far well, i.e. who *knows* it;
 * ``joint``: one :class:`JointRouter` scoring all members at once from every member's hidden state and
   the statistics (``projection_heads.<id>`` then maps member ``id``'s hidden state into the shared trunk).
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("seed", "confidence", "joint")
+ROUTERS = ("seed", "confidence", "joint", "aware")
 """Router variants; folders saved before ``router`` existed in ``salm_config.json`` hold ``seed`` heads."""
 
 NORMS = ("layer", "batch")

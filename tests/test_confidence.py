@@ -8,7 +8,18 @@ import math
 import pytest
 import torch
 
-from salm.confidence import LOGPROB_FLOOR, confidence_stats, disagreement, stats_dim, stats_names
+from salm.confidence import (
+    HISTORY_DECAY,
+    LOGPROB_FLOOR,
+    History,
+    confidence_stats,
+    disagreement,
+    history_dim,
+    history_names,
+    history_over,
+    stats_dim,
+    stats_names,
+)
 from salm.ensemble import MultiModelWithScalarHeads
 from salm.features import TokenizedSplit, load_or_build
 from salm.heads import ROUTERS, ScalarProjectionHead
@@ -128,15 +139,17 @@ def test_seed_pt_heads_route_identically(tiny_ensemble, tmp_path):
     assert old.generate(PROMPTS, **gen) == ens.generate(PROMPTS, **gen)
 
 
-def test_generation_sees_the_stats_extraction_stores(tiny_ensemble, tmp_path):
+@pytest.mark.parametrize("router", ["confidence", "aware"])
+def test_generation_sees_the_stats_extraction_stores(tiny_ensemble, tmp_path, router):
     """Training and inference see the same router inputs: the statistics generation computes at each step
-    equal the ones the feature cache stores for the same text (prompt + the generated answer)."""
-    ens = fresh(tiny_ensemble, seed=2, router="confidence")
+    equal the ones the feature cache stores for the same text (prompt + the generated answer); for the
+    ``aware`` router that includes each member's record on the prompt and the tokens generated so far."""
+    ens = fresh(tiny_ensemble, seed=2, router=router)
     seen: list[torch.Tensor] = []
     real = ens.confidence_features
 
-    def spy(logits):
-        out = real(logits)
+    def spy(logits, history=None):
+        out = real(logits, history)
         seen.append(out.clone())
         return out
 
@@ -160,4 +173,72 @@ def test_generation_sees_the_stats_extraction_stores(tiny_ensemble, tmp_path):
     for i, o in enumerate(outs):
         _, _, stored = cache.batch([i])
         # Position t routes token t+1: the stored rows before each generated token, EOS row excluded.
-        torch.testing.assert_close(stored[: len(o.token_ids)], steps[i], rtol=1e-4, atol=1e-4)
+        assert steps[i].shape[-1] == ens.stats_width
+        # The cache stores the widest rows (history, then statistics); each router reads its last columns.
+        torch.testing.assert_close(stored[: len(o.token_ids), -ens.stats_width :], steps[i], rtol=1e-4, atol=1e-4)
+
+
+def test_history_by_hand():
+    """The record (mean log-prob so far) and the recent average, against a direct computation; rows that
+    are not valid keep their state; observing under logits equals updating with the tokens' log-probs."""
+    lp = torch.tensor([[[-1.0, -2.0], [-3.0, -0.5], [-2.0, -2.0]]])  # [1, L=3, M=2]
+    valid = torch.tensor([[False, True, True]])  # position 0 has no log-prob
+    f = history_over(lp, valid)[0]
+    assert f.shape == (3, history_dim(2)) and len(history_names(["a", "b"])) == 4
+    assert f[0].tolist() == [0.0, 0.0, 0.0, 0.0]  # nothing read yet
+    torch.testing.assert_close(f[1], torch.tensor([-3.0, -0.5, -3.0, -0.5]))
+    d = HISTORY_DECAY
+    torch.testing.assert_close(f[2], torch.tensor([-2.5, -1.25, d * -3.0 + (1 - d) * -2.0, d * -0.5 + (1 - d) * -2.0]))
+    logits = torch.randn(2, 2, 7)
+    tokens = torch.tensor([3, 5])
+    a, b = History(2, 2), History(2, 2)
+    a.observe(logits, tokens)
+    b.update(torch.log_softmax(logits, -1)[torch.arange(2), :, tokens])
+    torch.testing.assert_close(a.features(), b.features())
+
+
+@pytest.mark.parametrize("path", [dict(use_cache=False), dict(cache_implementation="static")])
+def test_aware_generation_paths_agree(tiny_ensemble, path):
+    """The aware router's history is kept three ways (grown with a dynamic cache, recomputed from the whole
+    sequence without one, carried with static caches); greedy decisions are identical, batched or not."""
+    ens = fresh(tiny_ensemble, seed=4, router="aware")
+    prompts = [*PROMPTS, "Question: and five?\nAnswer:"]
+    gen = dict(max_new_tokens=7, temperature=0, return_decisions=True)
+
+    def same(a: list[dict], b: list[dict]) -> None:  # tokens and members exactly, routing probs to float noise
+        for x, y in zip(a, b, strict=True):
+            assert x["token_ids"] == y["token_ids"]
+            assert [d["member"] for d in x["decisions"]] == [d["member"] for d in y["decisions"]]
+            px = torch.tensor([list(d["routing_probs"].values()) for d in x["decisions"]])
+            py = torch.tensor([list(d["routing_probs"].values()) for d in y["decisions"]])
+            torch.testing.assert_close(px, py, rtol=1e-4, atol=1e-5)
+
+    ref = ens.generate(prompts, **gen)
+    same(ens.generate(prompts, **gen, **path), ref)
+    same([ens.generate([p], **gen)[0] for p in prompts], ref)  # batched (left-padded) = alone
+    # The history moves the routing: the same heads reading a zero history route differently.
+    blind = fresh(tiny_ensemble, seed=4, router="aware")
+    blind.new_history = lambda rows: _ZeroHistory(rows, 3)
+    assert blind.generate(prompts, **gen) != ref
+
+
+class _ZeroHistory(History):
+    """A history that never records anything (for the test that the router's choices depend on it)."""
+
+    def update(self, logp, valid=None):
+        pass
+
+    def replay(self, logp, valid):
+        return logp.new_zeros(*logp.shape[:2], 2 * self.M)
+
+
+def test_aware_router_reads_the_history(tiny_ensemble):
+    """Same next-token statistics, different record on the text so far: the aware router's scores differ,
+    the confidence router's do not."""
+    ids, mask = batch(tiny_ensemble, PROMPTS)
+    hidden, _, stats, _ = tiny_ensemble.member_features(ids, mask, ids.masked_fill(mask == 0, -100))
+    other = stats.clone()
+    other[..., : history_dim(3)] -= 1.0
+    for router, moved in (("aware", True), ("confidence", False)):
+        ens = fresh(tiny_ensemble, seed=1, router=router)
+        assert (not torch.equal(ens.router_logits(hidden, stats), ens.router_logits(hidden, other))) == moved

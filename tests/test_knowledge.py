@@ -38,7 +38,7 @@ def test_facts_are_disjoint_and_deterministic():
 
 def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
     summary = run_knowledge(
-        "tiny", output_dir=tmp_path / "out", variants=["seed", "confidence"], members_dir=str(tmp_path / "members"),
+        "tiny", output_dir=tmp_path / "out", variants=["seed", "aware"], members_dir=str(tmp_path / "members"),
         num_epochs=2, progress=False,
     )  # fmt: skip
     recipe = knowledge_recipe("tiny")
@@ -46,7 +46,7 @@ def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
     for r in summary["variants"].values():
         acc, dec = r["generated_accuracy"], r["decisive_accuracy"]
         members = member_ids(recipe)
-        assert set(acc) == {*members, "ensemble", "oracle"} and set(dec) == {*acc, "rule:max_top1"}
+        assert set(acc) == {*members, "ensemble", "oracle"} and set(dec) == {*acc, "rule:max_top1", "rule:max_record"}
         # The oracle is right where any member is: never below the best member, never above their sum.
         for a in (acc, dec):
             assert max(a[m] for m in members) <= a["oracle"] <= min(1.0, sum(a[m] for m in members) + 1e-9)
@@ -54,8 +54,8 @@ def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
         assert abs(sum(r["router_share"].values()) - 1.0) < 1e-3
     saved = json.loads((tmp_path / "out" / "knowledge_summary.json").read_text())
     assert saved["variants"].keys() == summary["variants"].keys()
-    cfg = json.loads((tmp_path / "out" / "confidence" / "best_model" / "salm_config.json").read_text())
-    assert cfg["heads"]["router"] == "confidence"
+    cfg = json.loads((tmp_path / "out" / "aware" / "best_model" / "salm_config.json").read_text())
+    assert cfg["heads"]["router"] == "aware"
     # A second build of the same recipe reuses the folder (nothing retrained).
     before = (tmp_path / "members" / "build_report.json").stat().st_mtime_ns
     build_knowledge_members(recipe, tmp_path / "members", progress=False)

@@ -182,7 +182,7 @@ def test_cached_features_equal_member_features(setup, tmp_path):
         torch.testing.assert_close(gold, live_gold, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(stats, live_stats, rtol=1e-4, atol=1e-4)
         assert gold.shape == (sum(split.n_positions[i] for i in idx), 3)
-        assert stats.shape == (gold.shape[0], 19)
+        assert stats.shape == (gold.shape[0], 25)  # the history (2M), then the confidence statistics (M*M + 3M + 1)
 
 
 def test_short_disk_fails_naming_folder_and_bytes(setup, tmp_path, monkeypatch):
@@ -268,7 +268,7 @@ def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     assert all(torch.equal(loaded[k], seed_file[k]) for k in loaded)
 
 
-@pytest.mark.parametrize("router", ["confidence", "joint"])
+@pytest.mark.parametrize("router", ["confidence", "joint", "aware"])
 def test_router_variants_and_disagreement_weight_train(setup, tmp_path, router):
     """Each router variant learns with the disagreement-weighted loss; the saved folder says its variant
     and reloads to the same routing; a resume with another variant is refused."""

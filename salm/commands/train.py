@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--router", choices=list(ROUTERS), default=d.heads.router,
         help="seed: heads on each member's hidden state; confidence: + every member's next-token statistics; "
-        "joint: one router over all members' hidden states and statistics",
+        "joint: one router over all members' hidden states and statistics; aware: confidence + each member's "
+        "record on the text so far",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d.optim.seed)
     parser.add_argument("--log_every_n_steps", type=int, default=d.optim.log_every_n_steps)

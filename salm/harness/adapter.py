@@ -433,7 +433,8 @@ def single_member_view(ensemble: Any, k: int) -> Any:
             view.__dict__[key] = type(value)([value[k]])
     # The router is never consulted for member k alone, and a confidence/joint router could not be: it reads
     # statistics of every member. The view routes everything to its one member without computing them.
-    view.__dict__["confidence_features"] = lambda logits: None
+    view.__dict__["confidence_features"] = lambda logits, history=None: None
+    view.__dict__["new_history"] = lambda rows: None
     view.__dict__["router_logits"] = lambda hidden, stats=None: torch.zeros(
         *hidden[0].shape[:-1], 1, device=ensemble.device
     )

@@ -60,6 +60,8 @@ ROUTER_VARIANTS = {  # name -> salm train settings
     "seed+disagreement": {"router": "seed", "disagreement_weight": 4.0},
     "confidence+disagreement": {"router": "confidence", "disagreement_weight": 4.0},
     "joint+disagreement": {"router": "joint", "disagreement_weight": 4.0},
+    "aware": {"router": "aware"},
+    "aware+disagreement": {"router": "aware", "disagreement_weight": 4.0},
 }
 
 
@@ -251,17 +253,18 @@ def _build_into(tmp: Path, recipe: KnowledgeRecipe, digest: str, progress: bool)
 def token_choices(model: Any, examples: list[Any], batch_size: int = 16) -> tuple[torch.Tensor, ...]:
     """Teacher-forced, at every answer position (EOS included): which members' argmax is the gold token
     ``[P, M]``, which member the argmax router picks ``[P]``, whether it is the answer's first token ``[P]``
-    whether the members' argmax tokens differ ``[P]``, and each member's top-1 log-prob ``[P, M]``.
+    whether the members' argmax tokens differ ``[P]``, each member's top-1 log-prob ``[P, M]`` and its record
+    on the text so far (mean log-prob of the tokens before, :class:`salm.confidence.History`) ``[P, M]``.
 
     A member is right when its log-prob of the gold token equals its top-1 log-prob; the confidence
     statistics hold both, so no extra vocabulary pass is needed.
     """
-    from salm.confidence import disagreement
+    from salm.confidence import disagreement, stats_dim
     from salm.features import collate, tokenize_examples
 
     split = tokenize_examples(examples, model.tokenizer, model.context_length or (1 << 20), "answer", "tokens")
     M = len(model.model_ids)
-    right, routed, first, differ, tops = [], [], [], [], []
+    right, routed, first, differ, tops, records = [], [], [], [], [], []
     with torch.no_grad():
         for a in range(0, len(split), batch_size):
             idx = list(range(a, min(a + batch_size, len(split))))
@@ -271,13 +274,15 @@ def token_choices(model: Any, examples: list[Any], batch_size: int = 16) -> tupl
             for r, i in enumerate(idx):
                 starts[r, split.labels[i].count(-100) - 1] = True  # predicts the first answer token
             h, g, st = [x[m] for x in hidden], gold[m], stats[m]
-            top1 = st[:, : M * M].view(-1, M, M).diagonal(dim1=-2, dim2=-1)
+            cross = st[:, -stats_dim(M) :][:, : M * M]  # the confidence statistics come after the history
+            top1 = cross.view(-1, M, M).diagonal(dim1=-2, dim2=-1)
             right.append(g >= top1 - 1e-5)
             routed.append(model.router_logits(h, st).argmax(-1))
             first.append(starts[m])
             differ.append(disagreement(st))
             tops.append(top1)
-    return torch.cat(right), torch.cat(routed), torch.cat(first), torch.cat(differ), torch.cat(tops)
+            records.append(st[:, :M])
+    return tuple(torch.cat(x) for x in (right, routed, first, differ, tops, records))
 
 
 def evaluate_knowledge(model: Any, facts: list[Fact], max_new_tokens: int = 6) -> dict[str, Any]:
@@ -287,7 +292,8 @@ def evaluate_knowledge(model: Any, facts: list[Fact], max_new_tokens: int = 6) -
     right where any member is. At the decisive token a member is right when its log-prob of the gold token
     equals its top-1 log-prob (the statistics hold both, so no extra vocabulary pass is needed).
     ``rule:max_top1`` routes the decisive token to the member with the highest top-1 probability: a
-    training-free reference for what confidence alone gives.
+    training-free reference for what confidence alone gives; ``rule:max_record`` to the member with the best
+    record on the question (the highest mean log-prob of the tokens before it), what the ``aware`` router adds.
     """
     from salm.evaluation.analysis import teacher_forced_metrics
 
@@ -305,14 +311,16 @@ def evaluate_knowledge(model: Any, facts: list[Fact], max_new_tokens: int = 6) -
     gen["ensemble"] = correct("argmax")
     gen["oracle"] = torch.stack([gen[m] for m in ids]).any(0)
 
-    right, routed, first, _, top1 = token_choices(model, examples)
-    right, routed, top1 = right[first], routed[first], top1[first]
+    right, routed, first, _, top1, record = token_choices(model, examples)
+    right, routed, top1, record = right[first], routed[first], top1[first], record[first]
     rows = torch.arange(len(facts))
     dec = {mid: right[:, i] for i, mid in enumerate(ids)}
     dec["ensemble"] = right[rows, routed]
     dec["oracle"] = right.any(-1)
     # A fixed rule for reference: the member most sure of its own argmax (no training at all).
     dec["rule:max_top1"] = right[rows, top1.argmax(-1)]
+    # ... and the member with the best record on the question (who read it most fluently: who knows it).
+    dec["rule:max_record"] = right[rows, record.argmax(-1)]
     tf = teacher_forced_metrics(model, examples, batch_size=32)
     acc = {k: round(float(v.float().mean()), 4) for k, v in gen.items()}
     return {

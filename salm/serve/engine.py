@@ -155,6 +155,7 @@ class Engine:
         self._caches: list[Any] = []  # per member: a DynamicCache over the active rows
         self._mask: torch.Tensor | None = None  # [B, W] 1 where a cached position is real
         self._last: torch.Tensor | None = None  # [B] the token each row feeds next
+        self._history: Any = None  # the rows' History (routers that read one), in row order
         self._cond = threading.Condition()
         self._accepting = True
         self._stop = False
@@ -253,21 +254,22 @@ class Engine:
                 log.exception("engine step failed; failing %d running requests", len(self._active))
                 for req in self._active + joining:
                     self._fail(req, e)
-                self._active, self._caches, self._mask, self._last = [], [], None, None
+                self._active, self._caches, self._mask, self._last, self._history = [], [], None, None, None
             self._flush()
         for req in pending:
             self._finish(req, "cancelled")
         self._flush()
-        self._active, self._caches, self._mask, self._last = [], [], None, None
+        self._active, self._caches, self._mask, self._last, self._history = [], [], None, None, None
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, caches: list[Any]):
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, caches: list[Any], history: Any):
         """Every member over the fed tokens -> (logits [B, M, V] at the last position, routing probs [B, M]).
 
         All members run whatever each row's routing: rows of different routings share the batch. The step is
-        generation's own (:func:`salm.generation.ensemble_step`), so the router sees exactly what it sees there.
+        generation's own (:func:`salm.generation.ensemble_step`), so the router sees exactly what it sees there
+        (``history``: the rows' record on their text so far, for routers that read one, else None).
         """
         members = tuple(range(len(self.model.members)))
-        return ensemble_step(self.model, members, True, ids, mask, pos, caches)
+        return ensemble_step(self.model, members, True, ids, mask, pos, caches, history)
 
     def _admit(self, joining: list[_Request]) -> None:
         """Prefill the requests that arrived since the last step together (left-padded, as ``generate``
@@ -291,8 +293,9 @@ class Engine:
             mask[row, width - len(r.prompt_ids) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         caches = [DynamicCache(config=m.config) for m in self.model.members]
+        history = self.model.new_history(len(reqs))
         try:
-            logits, probs = self._forward(ids, mask, pos, caches)
+            logits, probs = self._forward(ids, mask, pos, caches, history)
         except Exception as e:  # noqa: BLE001 - fail these requests, keep serving the others
             log.exception("prefill of %d requests failed", len(reqs))
             for req in reqs:
@@ -306,22 +309,28 @@ class Engine:
                 last.append(token)
         if not keep:
             return
+        idx = torch.tensor(keep, dtype=torch.long, device=device)
         if len(keep) < len(reqs):
-            idx = torch.tensor(keep, dtype=torch.long, device=device)
             mask = mask[idx]
             for cache in caches:
                 for layer in _layers(cache):
                     layer.keys = layer.keys[idx.to(layer.keys.device)]
                     layer.values = layer.values[idx.to(layer.values.device)]
-        self._merge(caches, mask, torch.tensor(last, dtype=torch.long, device=device))
+        last = torch.tensor(last, dtype=torch.long, device=device)
+        if history is not None:
+            history.select(idx)
+            history.observe(logits[idx], last)
+        self._merge(caches, mask, last, history)
         self._active += [reqs[row] for row in keep]
 
-    def _merge(self, caches: list[Any], mask: torch.Tensor, last: torch.Tensor) -> None:
+    def _merge(self, caches: list[Any], mask: torch.Tensor, last: torch.Tensor, history: Any) -> None:
         """Join prefilled rows to the batch: left-pad both to one length, concatenate rows."""
         if not self._active:
-            self._caches, self._mask, self._last = caches, mask, last
+            self._caches, self._mask, self._last, self._history = caches, mask, last, history
             self._trim()
             return
+        if history is not None:
+            self._history.extend(history)
         width = max(self._mask.shape[1], mask.shape[1])
         for old, new in zip(self._caches, caches):
             for lo, ln in zip(_layers(old), _layers(new)):
@@ -336,12 +345,12 @@ class Engine:
         mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
         pos = mask.sum(-1, keepdim=True) - 1
         try:
-            logits, probs = self._forward(self._last[:, None], mask, pos, self._caches)
+            logits, probs = self._forward(self._last[:, None], mask, pos, self._caches, self._history)
         except Exception as e:  # noqa: BLE001 - a failed batched forward fails its rows, not the server
             log.exception("decode step failed; failing the %d running requests", len(self._active))
             for req in self._active:
                 self._fail(req, e)
-            self._active, self._caches, self._mask, self._last = [], [], None, None
+            self._active, self._caches, self._mask, self._last, self._history = [], [], None, None, None
             return
         self.steps += 1
         self._mask = mask
@@ -358,15 +367,19 @@ class Engine:
             self._select(keep)
         if self._active:
             self._last = torch.tensor(last, dtype=torch.long, device=self._mask.device)
+            if self._history is not None:  # the chosen tokens, under the logits they were chosen from
+                self._history.observe(logits[torch.tensor(keep, device=logits.device)], self._last)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only the rows ``keep``; trim leading columns that are padding in every remaining row."""
         self._active = [self._active[r] for r in keep]
         if not keep:
-            self._caches, self._mask = [], None
+            self._caches, self._mask, self._history = [], None, None
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         self._mask = self._mask[idx]
+        if self._history is not None:
+            self._history.select(idx)
         for cache in self._caches:
             for layer in _layers(cache):
                 layer.keys = layer.keys[idx.to(layer.keys.device)]
