@@ -113,7 +113,7 @@ def main() -> int:
         for d, examples in tests.items():
             split = tokenize_examples(examples, model.tokenizer, model.context_length or (1 << 20), "answer", d)
             row = references(member_logprobs(model, split))
-            cfg = TrainConfig(
+            cfg = TrainConfig.from_flat(
                 datasets=sorted({ex.dataset for ex in examples}), output_dir=f"{tmp}/{d}", num_epochs=args.epochs,
                 batch_size=16, learning_rate=3e-3, warmup_steps=10, entropy_weight=0.0, seed=0,
                 models=str(art.members_file), device="cpu", dtype="float32", loss_on="answer", plots=False,

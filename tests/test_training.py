@@ -423,7 +423,7 @@ def test_train_config_parts_round_trip_through_flat_settings():
     assert cfg.loss.entropy_weight == 0.0 and cfg.loss.disagreement_weight == 2.0
     assert cfg.heads == HeadConfig(hidden_dim=16, router="joint")
     assert TrainConfig.from_flat(**cfg.settings()) == cfg
-    assert TrainConfig.from_flat() == TrainConfig() and TrainConfig().heads.router == "confidence"
+    assert TrainConfig.from_flat() == TrainConfig() and TrainConfig().heads.router == "aware"
     assert set(RESUME_KEYS) == {
         "datasets", "batch_size", "learning_rate", "warmup_steps", "entropy_weight", "head_hidden_dim",
         "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on", "router",
