@@ -652,12 +652,13 @@ def router_of_state(state: dict[str, torch.Tensor]) -> str:
     """The router variant a state dict holds (for weights saved without a config, e.g. ``.pt`` files)."""
     if any(k.startswith("joint_router.") for k in state):
         return "joint"
-    widths = {v.shape[-1] for k, v in state.items() if k.endswith(".stats_projection.weight")}
-    if not widths:
+    heads = [v.shape[-1] for k, v in state.items() if k.endswith(".stats_projection.weight")]
+    if not heads:
         return "seed"
-    # aware heads read the history (2M floats) before the M*M + 3M + 1 statistics: M*M + 5M + 1 in all
-    M = len({k.split(".")[1] for k in state if k.startswith("projection_heads.")})
-    return "aware" if widths == {stats_dim(M) + history_dim(M)} else "confidence"
+    # one stats_projection per member (ids may hold dots); aware heads read the history (2M floats) before
+    # the M*M + 3M + 1 statistics: M*M + 5M + 1 in all
+    M = len(heads)
+    return "aware" if set(heads) == {stats_dim(M) + history_dim(M)} else "confidence"
 
 
 def heads_of_state(state: dict[str, torch.Tensor]) -> HeadConfig:
