@@ -82,6 +82,13 @@ def history_names(model_ids: list[str]) -> list[str]:
     return [f"{stat}[{m}]" for stat in ("record", "recent") for m in model_ids]
 
 
+def read_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] -> where a token has a log-prob given those before it (what a :class:`History` reads): it and
+    its predecessor are real tokens, not padding."""
+    seen = attention_mask.bool()
+    return torch.cat([torch.zeros_like(seen[:, :1]), seen[:, 1:] & seen[:, :-1]], 1)
+
+
 def stored_dim(n_members: int) -> int:
     """Floats per position the feature cache stores: the history, then the statistics (every router's input)."""
     return history_dim(n_members) + stats_dim(n_members)

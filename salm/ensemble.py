@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm import __version__
-from salm.confidence import History, confidence_stats, history_dim, history_over, stats_dim, stored_dim
+from salm.confidence import (
+    History,
+    confidence_stats,
+    history_dim,
+    history_over,
+    read_mask,
+    stats_dim,
+    stored_dim,
+)
 from salm.generation import FROM_CONFIG
 from salm.heads import HeadConfig, HeadConfigError, JointRouter, ScalarProjectionHead
 from salm.io import atomic_dir, atomic_write_json
@@ -345,32 +353,40 @@ class MultiModelWithScalarHeads(nn.Module):
     def member_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`gold_logprobs` plus the confidence statistics ``[B, L, F]`` (0 where masked).
+        """:meth:`gold_logprobs` plus the router statistics ``[B, L, F]`` (0 where masked): each member's
+        record on the text before (:class:`~salm.confidence.History`), then the confidence statistics.
 
         ``labels`` follow Hugging Face's convention (aligned with ``input_ids``, -100 = ignored; position t
-        carries log p_m(labels[t + 1])). Only the labelled rows go through the LM heads, in chunks of
+        carries log p_m(labels[t + 1])). Every real position goes through the LM heads once, in chunks of
         positions holding every member's logits at once (the statistics compare members), so no
-        ``[B, L, V]`` logits are materialised for members whose head runs apart (all common decoders).
+        ``[B, L, V]`` logits are materialised for members whose head runs apart (all common decoders): each
+        chunk gives every member's log-prob of the next token (the record) and, at labelled positions, of the
+        gold token and the statistics.
         """
-        labels = labels.to(self.device)
+        labels, ids = labels.to(self.device), input_ids.to(self.device)
         nxt = torch.full_like(labels, -100)
         nxt[:, :-1] = labels[:, 1:]
         mask = nxt != -100
-        targets = nxt[mask]
+        seen = read_mask(attention_mask.to(self.device))  # token t has a log-prob given those before it
+        after = torch.zeros_like(seen)
+        after[:, :-1] = seen[:, 1:]  # position t predicts a real token t + 1
+        rows_mask = mask | after
+        following = torch.zeros_like(ids)
+        following[:, :-1] = ids[:, 1:]
+        following, targets, labelled = following[rows_mask], nxt[rows_mask], mask[rows_mask]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         M = len(self.members)
-        hidden, sources, read = [], [], []
+        hidden, sources = [], []
         for i, member in enumerate(self.members):
             split = self._split_head(i)
             h, logits, _ = self.run_member(
                 i, input_ids, attention_mask, position_ids, None, slice(0, 0) if split else None
             )
             hidden.append(h)
-            sources.append((h[mask], member.get_output_embeddings()) if split else (logits[mask], None))
-            read.append(self.token_logprobs(i, h, None if split else logits, input_ids))
-        n = int(mask.sum())
+            sources.append((h[rows_mask], member.get_output_embeddings()) if split else (logits[rows_mask], None))
+        n = int(rows_mask.sum())
         rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * M))
-        gold_parts, stat_parts = [], []
+        next_parts, gold_parts, stat_parts = [], [], []
         with torch.no_grad():
             for s in range(0, n, rows):
                 chunk = []
@@ -381,14 +397,21 @@ class MultiModelWithScalarHeads(nn.Module):
                         lg = head(x[s : s + rows].to(self.member_device(i)))[..., : self.vocab_size].float()
                     chunk.append(lg.to(self.device))
                 lg = torch.stack(chunk, dim=1)  # [rows, M, V]
-                t = targets[s : s + rows]
-                gold_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lg.logsumexp(-1))
+                lse = lg.logsumexp(-1)
+                t = following[s : s + rows]
+                next_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lse)
+                sel = labelled[s : s + rows]
+                lg, lse, t = lg[sel], lse[sel], targets[s : s + rows][sel]
+                gold_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lse)
                 stat_parts.append(confidence_stats(lg))
         gold = torch.zeros(*mask.shape, M, device=self.device)
         stats = torch.zeros(*mask.shape, stored_dim(M), device=self.device)
-        if n:
-            # [B, L, 2M]: each member's record after reading token t, what routes token t + 1
-            history = history_over(torch.stack(read, -1), _read_mask(attention_mask.to(self.device)))
+        if int(mask.sum()):
+            predicted = torch.zeros(*mask.shape, M, device=self.device)  # position t: log p_m(token t + 1)
+            predicted[rows_mask] = torch.cat(next_parts)
+            read = torch.zeros_like(predicted)  # position t: log p_m(token t), what the record reads
+            read[:, 1:] = predicted[:, :-1]
+            history = history_over(read, seen)  # [B, L, 2M]: the record after reading token t
             gold[mask] = torch.cat(gold_parts).float()
             stats[mask] = torch.cat([history[mask], torch.cat(stat_parts)], -1)
         return hidden, gold, stats, mask
@@ -447,7 +470,7 @@ class MultiModelWithScalarHeads(nn.Module):
                 read = torch.zeros(*ids.shape, len(self.members), device=self.device)
                 nxt = ids[:, 1:, None, None].expand(-1, -1, read.shape[-1], 1)
                 read[:, 1:] = logprobs[:, :-1].gather(-1, nxt)[..., 0]
-                history = history_over(read, _read_mask(attention_mask.to(self.device)))
+                history = history_over(read, read_mask(attention_mask.to(self.device)))
             out = EnsembleOutput(
                 router_logits=self.router_logits(mo.hidden_states, self.confidence_features(stacked, history)),
                 hidden_states=mo.hidden_states if return_hidden_states else None,
@@ -640,12 +663,6 @@ def _with_overrides(config: HeadConfig, **fields: Any) -> HeadConfig:
         raise HeadConfigError(f"head_config must be a salm.heads.HeadConfig, got {type(config).__name__}")
     given = {k: v for k, v in fields.items() if v is not None}
     return dataclasses.replace(config, **given) if given else config
-
-
-def _read_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, L] -> where a token has a log-prob given those before it: it and its predecessor are real."""
-    seen = attention_mask.bool()
-    return torch.cat([torch.zeros_like(seen[:, :1]), seen[:, 1:] & seen[:, :-1]], 1)
 
 
 def router_of_state(state: dict[str, torch.Tensor]) -> str:

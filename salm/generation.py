@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from salm.confidence import History, read_mask
 from salm.heads import heads_in_eval_mode
 from salm.members import ModelInfo, resolve_member_id
 
@@ -255,22 +256,8 @@ class DecodeConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not FROM_CONFIG})
 
 
-def check_decoding(
-    max_new_tokens: Any = 1,
-    temperature: Any = 1.0,
-    top_p: Any = 1.0,
-    top_k: Any = 0,
-    routing: Any = "argmax",
-    stop: Any = None,
-    seed: Any = None,
-    batch_size: Any = None,
-) -> None:
-    """:meth:`DecodeConfig.validate` for loose values, plus the batch size (not a decoding setting)."""
-    DecodeConfig(max_new_tokens, temperature, top_p, top_k, routing, stop, seed).validate()
-    _check_batch_size(batch_size)
-
-
-def _check_batch_size(batch_size: Any) -> None:
+def check_batch_size(batch_size: Any) -> None:
+    """Raise :class:`GenerationError` unless ``batch_size`` is None or an integer >= 1 (not a decoding setting)."""
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise GenerationError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
 
@@ -366,8 +353,6 @@ def ensemble_step(
     token the caller has already observed it -- or a tensor of its features [B, 2M] (the compiled step,
     whose inputs must be tensors).
     """
-    from salm.confidence import History
-
     prompt = heads and isinstance(history, History) and input_ids.shape[1] > 1
     hidden, logits, read = [], [], []
     for i, cache in zip(run, caches):
@@ -382,9 +367,7 @@ def ensemble_step(
     probs = None
     if heads:  # router input: hidden states + confidence statistics of these same logits (all members ran)
         if prompt:
-            from salm.ensemble import _read_mask
-
-            history.replay(torch.stack(read, -1), _read_mask(attention_mask[:, : input_ids.shape[1]]))
+            history.replay(torch.stack(read, -1), read_mask(attention_mask[:, : input_ids.shape[1]]))
         feats = history.features() if isinstance(history, History) else history
         with torch.no_grad():
             probs = torch.softmax(model.router_logits(hidden, model.confidence_features(stacked, feats)), dim=-1)
@@ -535,7 +518,7 @@ def generate(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, routing=routing,
         stop=stop, seed=seed, truncate=truncate, cache_implementation=cache_implementation, compile=compile,
     ).validate()  # fmt: skip
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     rt = parse_routing(cfg.routing, model.infos)
     encoded = encode_prompts(model, prompts, cfg.truncate, room=cfg.max_new_tokens)
     generator = None

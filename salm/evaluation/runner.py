@@ -32,7 +32,7 @@ from salm.evaluation.analysis import (
 )
 from salm.evaluation.stats import accuracy_summary, improvement_over_best
 from salm.evaluation.tasks import DEFAULT_TASKS, TASKS, Task, draw_shots, generic_task, with_fewshot
-from salm.generation import DecodeConfig, GenerationError, check_decoding, prompt_budget
+from salm.generation import DecodeConfig, GenerationError, check_batch_size, prompt_budget
 from salm.io import (
     atomic_write_json,
     atomic_write_jsonl,
@@ -112,7 +112,7 @@ class EvalSettings:
         if not problems:  # types, NaN and the routing's syntax, before any member loads
             try:
                 self.decoding_for(d.routing).validate()
-                check_decoding(batch_size=self.batch_size)
+                check_batch_size(self.batch_size)
             except GenerationError as e:
                 problems.append(str(e))
         if problems:

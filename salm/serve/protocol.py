@@ -9,9 +9,28 @@ token, the member that emitted it and every member's routing probability).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+_NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v == 1, "only n=1 is supported; send one request per completion"),
+    "presence_penalty": (lambda v: v == 0, "penalties are not supported; leave it at 0"),
+    "frequency_penalty": (lambda v: v == 0, "penalties are not supported; leave it at 0"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported"),
+    "echo": (lambda v: not v, "echo is not supported"),
+    "best_of": (lambda v: v in (None, 1), "only best_of=1 is supported"),
+    "suffix": (lambda v: not v, "suffix (insertion) is not supported"),
+}
+"""OpenAI fields saLM accepts only at their no-op value: (is it the no-op?, the error naming what to do)."""
+
+
+def _no_op_only(v: Any, info: ValidationInfo) -> Any:
+    ok, message = _NO_OPS[info.field_name]
+    if not ok(v):
+        raise ValueError(message)
+    return v
 
 
 class _Request(BaseModel):
@@ -35,26 +54,10 @@ class _Request(BaseModel):
     routing: str = "argmax"
     attribution: bool = False
 
-    @field_validator("n")
+    @field_validator("n", "presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported; send one request per completion")
-        return v
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not supported; leave it at 0")
-        return v
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, v: dict | None) -> dict | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
-        return v
+    def _request_no_ops(cls, v: Any, info: ValidationInfo) -> Any:
+        return _no_op_only(v, info)
 
     @field_validator("stop")
     @classmethod
@@ -87,26 +90,10 @@ class CompletionRequest(_Request):
             v = v[0]
         return v
 
-    @field_validator("echo")
+    @field_validator("echo", "best_of", "suffix")
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _no_best_of(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix (insertion) is not supported")
-        return v
+    def _completion_no_ops(cls, v: Any, info: ValidationInfo) -> Any:
+        return _no_op_only(v, info)
 
 
 class ChatMessage(BaseModel):
