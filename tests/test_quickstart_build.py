@@ -14,11 +14,16 @@ import yaml
 from salm.quickstart import build as qb
 from salm.quickstart.corpora import (
     DOMAINS,
+    MEMBERS_SPLIT,
     SPLITS,
     CorpusConfig,
+    documents,
+    make_examples,
     make_math_problem,
     parse_final_answer,
+    render_example,
     split_domain,
+    training_texts,
 )
 
 
@@ -95,14 +100,33 @@ def test_data_files_schema_and_disjoint_splits(built: qb.QuickstartArtifacts) ->
 
 def test_document_splits_are_disjoint_and_deterministic() -> None:
     config = qb.recipe_for("tiny").corpus
+    names = (MEMBERS_SPLIT, *SPLITS)
     for domain in DOMAINS:
         parts = split_domain(domain, config)
-        ids = {s: {d.doc_id for d in parts[s]} for s in SPLITS}
-        assert all(ids[s] for s in SPLITS), domain
-        assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"]
-        assert not ids["validation"] & ids["test"]
+        assert set(parts) == set(names), domain
+        ids = {s: {d.doc_id for d in parts[s]} for s in names}
+        assert all(ids[s] for s in names), domain
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                assert not ids[a] & ids[b], (domain, a, b)
+        assert set().union(*ids.values()) == {d.doc_id for d in documents(domain, config)}
         again = split_domain(domain, dataclasses.replace(config))
-        assert {s: [d.doc_id for d in again[s]] for s in SPLITS} == {s: [d.doc_id for d in parts[s]] for s in SPLITS}
+        assert {s: [d.doc_id for d in again[s]] for s in names} == {s: [d.doc_id for d in parts[s]] for s in names}
+
+
+def test_members_train_only_on_their_own_split() -> None:
+    """The heads' train split, validation and test are text no member trained on (a router must learn
+    from the members' predictions on unseen text)."""
+    config = qb.recipe_for("tiny").corpus
+    for domain in DOMAINS:
+        parts = split_domain(domain, config)
+        texts = set(training_texts(domain, config))
+        assert {d.text for d in parts[MEMBERS_SPLIT]} <= texts, domain
+        for split in SPLITS:
+            assert not {d.text for d in parts[split]} & texts, (domain, split)
+            pairs = make_examples(domain, 1000, split=split, config=config)
+            assert pairs, (domain, split)
+            assert not {"".join(render_example(q, a, domain)) for q, a in pairs} & texts, (domain, split)
 
 
 def test_second_call_reuses_without_retraining(built: qb.QuickstartArtifacts) -> None:

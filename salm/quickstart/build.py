@@ -46,7 +46,7 @@ from salm.quickstart.corpora import (
 
 logger = logging.getLogger(__name__)
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 """Bump whenever code changes what a build produces (generator, cleaning, training loop): new cache key."""
 
 EOS_TOKEN = "<|endoftext|>"
@@ -127,7 +127,7 @@ def recipe_for(size: str = "default", seed: int = 0) -> Recipe:
             code=TrainPhase(steps=180, lr=1e-3, batch_size=16, warmup=10),
             # Replay only for math: its templated text has no English, so without it the specialist
             # forgets everything else (14 nats/token on prose); stdlib code keeps English in docstrings.
-            math=TrainPhase(steps=260, lr=2e-3, batch_size=16, warmup=10, replay=0.1),
+            math=TrainPhase(steps=400, lr=2e-3, batch_size=16, warmup=10, replay=0.1),
             general_mix=(1.0, 1.0, 1.0),
             corpus=CorpusConfig(code_chars=1_500_000, math_problems=20_000, split_seed=seed),
             example_counts=(400, 100, 100),
@@ -148,7 +148,7 @@ def recipe_for(size: str = "default", seed: int = 0) -> Recipe:
             code=TrainPhase(steps=60, lr=2e-3, batch_size=16, warmup=5),
             math=TrainPhase(steps=60, lr=2e-3, batch_size=16, warmup=5, replay=0.1),
             general_mix=(1.0, 1.0, 1.0),
-            corpus=CorpusConfig(code_chars=200_000, math_problems=2_000, split_seed=seed),
+            corpus=CorpusConfig(code_chars=400_000, math_problems=2_000, split_seed=seed),
             example_counts=(40, 20, 20),
             eval_nll_examples=20,
             eval_math_problems=10,
