@@ -295,3 +295,27 @@ def run_repeat(
         "wall_s": round(time.perf_counter() - t_rep, 1),
         "cpu_cores_used_by_other_processes": None if others is None else round(others, 3),
     }
+
+
+def train_quickstart_heads(
+    members_file: str | Path, data: Any, out: str | Path, seed: int = 0, model: Any = None, **overrides: Any
+):
+    """Heads trained by ``salm train``'s code with ``salm quickstart``'s settings (``overrides`` on top, e.g.
+    ``router=``), on ``data`` (a :class:`salm.data.TrainingData`); returns the ensemble with the
+    best-validation heads loaded, in eval mode. ``model`` reuses loaded members; features are cached under
+    ``out/feature_cache`` unless ``feature_cache_dir`` is given."""
+    from salm.ensemble import read_weights
+    from salm.quickstart import DOMAINS
+    from salm.quickstart.run import QuickstartSettings
+    from salm.training import BEST_DIR, TrainConfig, train
+
+    q, out = QuickstartSettings(), Path(out)
+    flat = dict(
+        datasets=list(DOMAINS), output_dir=str(out / "heads"), num_epochs=q.num_epochs, batch_size=q.batch_size,
+        learning_rate=q.learning_rate, warmup_steps=q.warmup_steps, entropy_weight=q.entropy_weight, seed=seed,
+        models=str(members_file), device="cpu", dtype="float32", loss_on=q.loss_on, plots=False, progress=False,
+        feature_cache_dir=str(out / "feature_cache"),
+    )  # fmt: skip
+    res = train(TrainConfig.from_flat(**{**flat, **overrides}), model=model, data=data)
+    res.model.load_heads(read_weights(res.output_dir / BEST_DIR)[0])
+    return res.model.eval()

@@ -26,37 +26,31 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "self_aware_routing.json"
 TARGETS = {"knowledge_over_oracle": 0.90, "captured_code_prose": 0.40, "captured_mixed": 0.60, "nll_vs_seed": 1.005}
 
 
 def quickstart_variants(variants: list[str], seed: int, out: Path, progress: bool, size: str = "default") -> dict:
     from salm.data import TrainingData, balance, load_examples
-    from salm.ensemble import read_weights
     from salm.evaluation.analysis import combine_teacher_forced, teacher_forced_metrics
     from salm.quickstart import DOMAINS, build_quickstart_members
     from salm.quickstart.knowledge import ROUTER_VARIANTS, token_choices
-    from salm.quickstart.run import QuickstartSettings
-    from salm.training import BEST_DIR, TrainConfig, train
 
     art = build_quickstart_members(size=size, seed=seed, progress=progress)
     splits = ("train", "validation", "test")
     load = {s: {d: load_examples(str(art.data_files[d][s]), name=d) for d in DOMAINS} for s in splits}
     data = TrainingData(train=balance(load["train"], seed), val=balance(load["validation"], seed))
-    q = QuickstartSettings()
     results, model = {}, None
     for name in variants:
         t = time.perf_counter()
-        cfg = TrainConfig.from_flat(
-            datasets=list(DOMAINS), output_dir=str(out / name), num_epochs=q.num_epochs, batch_size=q.batch_size,
-            learning_rate=q.learning_rate, warmup_steps=q.warmup_steps, entropy_weight=q.entropy_weight, seed=seed,
-            models=str(art.members_file), device="cpu", dtype="float32", loss_on=q.loss_on, plots=False,
-            progress=progress, feature_cache_dir=str(out / "feature_cache"), **ROUTER_VARIANTS[name],
+        model = common.train_quickstart_heads(
+            art.members_file, data, out / name, seed, model=model, feature_cache_dir=str(out / "feature_cache"),
+            progress=progress, **ROUTER_VARIANTS[name],
         )  # fmt: skip
-        res = train(cfg, model=model, data=data)
-        model = res.model
-        model.load_heads(read_weights(res.output_dir / BEST_DIR)[0])
-        model.eval()
         tf = {d: teacher_forced_metrics(model, load["test"][d], batch_size=16) for d in DOMAINS}
         tf["mixed"] = combine_teacher_forced([tf[d] for d in DOMAINS])
         row = {}

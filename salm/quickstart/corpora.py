@@ -457,10 +457,11 @@ def make_examples(
 ) -> list[tuple[str, str]]:
     """Up to ``n`` (question, answer) pairs cut only from documents of ``split``, sampled with ``seed``.
 
-    Fewer than ``n`` come back when the split's documents do not hold that many examples.
+    Fewer than ``n`` come back when the split's documents do not hold that many examples. ``split`` may also
+    be ``MEMBERS_SPLIT``: examples of the members' own training text (what the benchmarks compare with).
     """
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if split not in (*SPLITS, MEMBERS_SPLIT):
+        raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, MEMBERS_SPLIT)}")
     pool = list(_split_examples(domain, split, config))
     random.Random(f"salm-quickstart-examples-{domain}-{split}-{seed}").shuffle(pool)
     return pool[:n]
