@@ -12,7 +12,16 @@ highest probability. This script measures two references that no deployable rout
   scored on it. Heads that memorise their test set bound from above what heads reading the same inputs can do on
   unseen text; where even they capture little, the gain is not predictable from those inputs.
 
-    python benchmarks/quickstart_ceiling.py     # default quickstart members (built or reused), ~15 min on 2 cores
+Then deployable ``aware`` heads (``salm quickstart``'s settings), scored on the test domains and their pooled
+set, trained on
+
+* **the members' own training text** (400 examples per domain of the members' split): what the quickstart
+  did before build version 2, where the members are far better than on new text;
+* **held-out text**, 25 %, 50 % and 100 % of the quickstart's train split (no member trained on it): a
+  learning curve. Where the captured share stops growing with more data, more data of this kind will not
+  reach the issue's targets.
+
+    python benchmarks/quickstart_ceiling.py   # default quickstart members (built or reused); ~4 min once built
 """
 
 from __future__ import annotations

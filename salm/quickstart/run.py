@@ -107,7 +107,8 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     art = build_quickstart_members(out_dir=s.members_dir, size=s.size, seed=s.seed, progress=s.progress)
     seconds["members"] = time.perf_counter() - t
 
-    # 2. heads, trained by salm train's own code on the three domains' train/validation files
+    # 2. heads, trained by salm train's own code on the three domains' train/validation files: text no
+    #    member trained on (see corpora.split_documents for why)
     t = time.perf_counter()
     train_sets, val_sets = _load_split(art.data_files, "train"), _load_split(art.data_files, "validation")
     data = TrainingData(
