@@ -7,9 +7,10 @@
 Every domain is a list of :class:`Document` objects. Documents are assigned to the members' split and the
 train/validation/test example splits *before* any examples are cut from them (see :func:`split_documents`),
 so examples of different splits never share a source document, and the members never train on the text
-the routing heads train, stop early or are scored on. Examples are ``(question, answer)`` pairs, written as jsonl rows
-that :mod:`salm.data` loads; the members are trained on exactly the text that loader makes of them
-(:func:`render_example`: the shared prompt template, GSM8K answers reformatted), plus raw domain text.
+the routing heads train on, stop early on or are scored on. Examples are ``(question, answer)`` pairs,
+written as jsonl rows that :mod:`salm.data` loads; the members are trained on exactly the text that loader
+makes of their split's examples (:func:`render_example`: the shared prompt template, GSM8K answers
+reformatted), plus raw domain text.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def split_documents(
 
     Why the heads get text of their own: a router is a stacked model, and it must learn from predictions
     the members make on text they have not seen. On their own training text the members are far better
-    than on new text (the quickstart's code specialist: 3.15 vs 3.95 nats per token) and the specialist
+    than on new text (build 1's code specialist, trained on 80 %: 3.15 vs 3.95 nats per token) and the specialist
     is nearly always the best member there, so heads trained on it learn "always the specialist" and
     miss the tokens where another member is better on new text.
     """
