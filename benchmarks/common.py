@@ -305,17 +305,14 @@ def train_quickstart_heads(
     best-validation heads loaded, in eval mode. ``model`` reuses loaded members; features are cached under
     ``out/feature_cache`` unless ``feature_cache_dir`` is given."""
     from salm.ensemble import read_weights
-    from salm.quickstart import DOMAINS
     from salm.quickstart.run import QuickstartSettings
-    from salm.training import BEST_DIR, TrainConfig, train
+    from salm.training import BEST_DIR, train
 
-    q, out = QuickstartSettings(), Path(out)
-    flat = dict(
-        datasets=list(DOMAINS), output_dir=str(out / "heads"), num_epochs=q.num_epochs, batch_size=q.batch_size,
-        learning_rate=q.learning_rate, warmup_steps=q.warmup_steps, entropy_weight=q.entropy_weight, seed=seed,
-        models=str(members_file), device="cpu", dtype="float32", loss_on=q.loss_on, plots=False, progress=False,
-        feature_cache_dir=str(out / "feature_cache"),
-    )  # fmt: skip
-    res = train(TrainConfig.from_flat(**{**flat, **overrides}), model=model, data=data)
+    out = Path(out)
+    overrides.setdefault("feature_cache_dir", str(out / "feature_cache"))
+    cfg = QuickstartSettings(seed=seed, plots=False, progress=False).train_config(
+        members_file, out / "heads", **overrides
+    )
+    res = train(cfg, model=model, data=data)
     res.model.load_heads(read_weights(res.output_dir / BEST_DIR)[0])
     return res.model.eval()

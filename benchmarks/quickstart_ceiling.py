@@ -105,7 +105,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
 
-    from salm.data import TrainingData, balance, load_examples, row_to_example
+    from salm.data import TrainingData, balance, row_to_example
     from salm.ensemble import MultiModelWithScalarHeads
     from salm.evaluation.analysis import combine_teacher_forced, teacher_forced_metrics
     from salm.features import tokenize_examples
@@ -116,7 +116,7 @@ def main() -> int:
     t0 = time.perf_counter()
     art = build_quickstart_members(size="default", seed=0, progress=False)
     model = MultiModelWithScalarHeads(str(art.members_file), 512, 0.0, device="cpu", dtype="float32").eval()
-    tests = {d: load_examples(str(art.data_files[d]["test"]), name=d) for d in DOMAINS}
+    tests = art.examples("test")
     tests["mixed"] = [ex for d in DOMAINS for ex in tests[d]]
     result: dict = {"what": __doc__.splitlines()[0], "environment": common.environment("cpu"), "domains": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,9 +139,6 @@ def main() -> int:
             common.log(f"{d}: online mixture {online:.3f}, in-sample heads {fitted:.3f}")
 
         # Deployable heads by what they were trained on, scored on the test domains and the pooled set.
-        def split_of(name: str) -> dict[str, list]:
-            return {d: load_examples(str(art.data_files[d][name]), name=d) for d in DOMAINS}
-
         corpus = recipe_for("default", 0).corpus
         own = {
             d: [
@@ -150,7 +147,7 @@ def main() -> int:
             ]
             for d in DOMAINS
         }
-        held_out, val = balance(split_of("train"), 0), balance(split_of("validation"), 0)
+        held_out, val = balance(art.examples("train"), 0), balance(art.examples("validation"), 0)
         runs = {"members_own_text": balance(own, 0)}
         runs.update({f"held_out_{int(f * 100)}%": held_out[: round(len(held_out) * f)] for f in (0.25, 0.5, 1.0)})
         result["heads_by_training_text"] = {}

@@ -35,14 +35,13 @@ TARGETS = {"knowledge_over_oracle": 0.90, "captured_code_prose": 0.40, "captured
 
 
 def quickstart_variants(variants: list[str], seed: int, out: Path, progress: bool, size: str = "default") -> dict:
-    from salm.data import TrainingData, balance, load_examples
+    from salm.data import TrainingData, balance
     from salm.evaluation.analysis import combine_teacher_forced, teacher_forced_metrics
     from salm.quickstart import DOMAINS, build_quickstart_members
     from salm.quickstart.knowledge import ROUTER_VARIANTS, token_choices
 
     art = build_quickstart_members(size=size, seed=seed, progress=progress)
-    splits = ("train", "validation", "test")
-    load = {s: {d: load_examples(str(art.data_files[d][s]), name=d) for d in DOMAINS} for s in splits}
+    load = {s: art.examples(s) for s in ("train", "validation", "test")}
     data = TrainingData(train=balance(load["train"], seed), val=balance(load["validation"], seed))
     results, model = {}, None
     for name in variants:

@@ -191,6 +191,12 @@ class QuickstartArtifacts:
     reused: bool
     report: dict[str, Any] = field(default_factory=dict)
 
+    def examples(self, split: str) -> dict[str, list]:
+        """The build's ``split`` (train/validation/test) examples of each domain, as :mod:`salm.data` loads them."""
+        from salm.data import load_examples
+
+        return {d: load_examples(str(self.data_files[d][split]), name=d) for d in DOMAINS}
+
 
 def _artifacts(root: Path, digest: str, reused: bool) -> QuickstartArtifacts:
     data = root / "data"

@@ -25,6 +25,7 @@ from salm.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from salm.generation import DecodeConfig
+    from salm.training import TrainConfig
 
 # domain -> the member that should win it (the quickstart members are named after their domains)
 EXPECTED_MEMBER = {"code": "code", "prose": "general", "math": "math"}
@@ -69,12 +70,20 @@ class QuickstartSettings:
 
         return DecodeConfig(max_new_tokens=self.max_new_tokens, temperature=0.0, routing=self.routing, seed=self.seed)
 
+    def train_config(self, members_file: str | Path, output_dir: str | Path, **overrides: Any) -> TrainConfig:
+        """Head training on the three domains with the run's settings, on the CPU in fp32; ``overrides`` are
+        :meth:`TrainConfig.from_flat` settings on top (the benchmarks' variants: ``router=``, ...)."""
+        from salm.quickstart.corpora import DOMAINS
+        from salm.training import TrainConfig
 
-def _load_split(files: dict[str, dict[str, Path]], split: str) -> dict[str, list]:
-    from salm.data import load_examples
-    from salm.quickstart.corpora import DOMAINS
-
-    return {d: load_examples(str(files[d][split]), name=d) for d in DOMAINS}
+        flat = dict(
+            datasets=sorted(DOMAINS), output_dir=str(output_dir), num_epochs=self.num_epochs,
+            batch_size=self.batch_size, learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+            entropy_weight=self.entropy_weight, seed=self.seed, models=str(members_file), device="cpu",
+            dtype="float32", loss_on=self.loss_on, plots=self.plots, progress=self.progress,
+            **({"router": self.router} if self.router else {}),
+        )  # fmt: skip
+        return TrainConfig.from_flat(**{**flat, **overrides})
 
 
 def run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
@@ -95,7 +104,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     from salm.evaluation.runner import EvalSettings, evaluate
     from salm.evaluation.tasks import Task, score_gsm8k_output
     from salm.quickstart.build import build_quickstart_members, say
-    from salm.training import BEST_DIR, TrainConfig, train
+    from salm.training import BEST_DIR, train
 
     t0 = time.perf_counter()
     out = Path(s.output_dir)
@@ -110,7 +119,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     # 2. heads, trained by salm train's own code on the three domains' train/validation files: text no
     #    member trained on (see corpora.split_documents for why)
     t = time.perf_counter()
-    train_sets, val_sets = _load_split(art.data_files, "train"), _load_split(art.data_files, "validation")
+    train_sets, val_sets = art.examples("train"), art.examples("validation")
     data = TrainingData(
         train=balance(train_sets, s.seed),
         val=balance(val_sets, s.seed),
@@ -118,23 +127,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
             "datasets": {d: {"source": str(art.data_files[d]["train"]), "train": len(v)} for d, v in train_sets.items()}
         },
     )
-    cfg = TrainConfig.from_flat(
-        datasets=sorted(train_sets),
-        output_dir=str(out / "training"),
-        num_epochs=s.num_epochs,
-        batch_size=s.batch_size,
-        learning_rate=s.learning_rate,
-        warmup_steps=s.warmup_steps,
-        entropy_weight=s.entropy_weight,
-        seed=s.seed,
-        models=str(art.members_file),
-        device="cpu",
-        dtype="float32",
-        loss_on=s.loss_on,
-        plots=s.plots,
-        progress=s.progress,
-        **({"router": s.router} if s.router else {}),
-    )
+    cfg = s.train_config(art.members_file, out / "training")
     say(f"training the routing heads ({len(data.train)} train / {len(data.val)} validation examples)", s.progress)
     result = train(cfg, data=data)
     model = result.model
@@ -145,7 +138,7 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
 
     # 3. evaluation: NLL-only tasks for code and prose, arithmetic accuracy on the math test split
     t = time.perf_counter()
-    tests = _load_split(art.data_files, "test")
+    tests = art.examples("test")
     arithmetic = tests["math"][: s.arithmetic_problems] if s.arithmetic_problems else tests["math"]
     tasks = [
         (Task("code", scorer=None, description="held-out Python source: teacher-forced NLL"), tests["code"]),
