@@ -304,15 +304,12 @@ def train_quickstart_heads(
     ``router=``), on ``data`` (a :class:`salm.data.TrainingData`); returns the ensemble with the
     best-validation heads loaded, in eval mode. ``model`` reuses loaded members; features are cached under
     ``out/feature_cache`` unless ``feature_cache_dir`` is given."""
-    from salm.ensemble import read_weights
     from salm.quickstart.run import QuickstartSettings
-    from salm.training import BEST_DIR, train
+    from salm.training import train
 
     out = Path(out)
     overrides.setdefault("feature_cache_dir", str(out / "feature_cache"))
     cfg = QuickstartSettings(seed=seed, plots=False, progress=False).train_config(
         members_file, out / "heads", **overrides
     )
-    res = train(cfg, model=model, data=data)
-    res.model.load_heads(read_weights(res.output_dir / BEST_DIR)[0])
-    return res.model.eval()
+    return train(cfg, model=model, data=data).best_model()

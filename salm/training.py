@@ -281,6 +281,15 @@ class TrainResult:
     report: dict[str, Any] | None
     model: Any = field(repr=False, default=None)
 
+    def best_model(self) -> Any:
+        """The trained ensemble with the best-validation heads (``best_model/``) loaded, in eval mode: the
+        last epoch's heads are not the ones to evaluate when validation NLL rose after its best."""
+        from salm.ensemble import read_weights
+
+        best = self.output_dir / BEST_DIR
+        self.model.load_heads(read_weights(best)[0], source=str(best))
+        return self.model.eval()
+
 
 # ---------------------------------------------------------------------------------------------- pieces
 class _Router(nn.Module):

@@ -266,6 +266,8 @@ def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     ).state_dict()
     seed_file = torch.load(tmp_path / "best_model_heads.pt", weights_only=True)
     assert all(torch.equal(loaded[k], seed_file[k]) for k in loaded)
+    best = res.best_model()  # the best-validation heads, ready to evaluate
+    assert not best.training and all(torch.equal(best.state_dict()[k], loaded[k]) for k in loaded)
 
 
 @pytest.mark.parametrize("router", ["confidence", "joint", "aware"])

@@ -350,9 +350,8 @@ def run_knowledge(
 ) -> dict[str, Any]:
     """Build/reuse the members, train heads for each router variant with ``salm train``'s code, evaluate."""
     from salm.data import TrainingData
-    from salm.ensemble import read_weights
     from salm.quickstart.build import say
-    from salm.training import BEST_DIR, TrainConfig, train
+    from salm.training import TrainConfig, train
 
     recipe = knowledge_recipe(size, seed)
     root, build = build_knowledge_members(recipe, Path(members_dir) if members_dir else None, progress)
@@ -378,10 +377,7 @@ def run_knowledge(
             device="cpu", dtype="float32", max_length=64, feature_cache_dir=str(out / "feature_cache"),
             plots=False, progress=progress, **ROUTER_VARIANTS[name],
         )  # fmt: skip
-        res = train(cfg, model=model, data=data)
-        model = res.model
-        model.load_heads(read_weights(res.output_dir / BEST_DIR)[0])
-        model.eval()
+        model = train(cfg, model=model, data=data).best_model()
         results[name] = {"settings": ROUTER_VARIANTS[name], **evaluate_knowledge(model, by_role["test"])}
         results[name]["seconds"] = round(time.perf_counter() - t, 1)
         r = results[name]

@@ -100,7 +100,6 @@ def run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
 
 def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     from salm.data import TrainingData, balance
-    from salm.ensemble import read_weights
     from salm.evaluation.runner import EvalSettings, evaluate
     from salm.evaluation.tasks import Task, score_gsm8k_output
     from salm.quickstart.build import build_quickstart_members, say
@@ -130,10 +129,8 @@ def _run_quickstart(s: QuickstartSettings) -> dict[str, Any]:
     cfg = s.train_config(art.members_file, out / "training")
     say(f"training the routing heads ({len(data.train)} train / {len(data.val)} validation examples)", s.progress)
     result = train(cfg, data=data)
-    model = result.model
+    model = result.best_model()
     best = result.output_dir / BEST_DIR
-    model.load_heads(read_weights(best)[0], source=str(best))  # evaluate the best-validation heads
-    model.eval()
     seconds["training"] = time.perf_counter() - t
 
     # 3. evaluation: NLL-only tasks for code and prose, arithmetic accuracy on the math test split
