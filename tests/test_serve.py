@@ -229,7 +229,7 @@ def test_chat_uses_the_plain_template_when_the_tokenizer_has_none(server, refere
 
 
 def test_render_chat_uses_the_tokenizers_template(reference):
-    from salm.serve.app import render_chat
+    from salm.serve.prompts import render_chat
     from salm.serve.protocol import ChatMessage
 
     tok = reference.tokenizer
@@ -298,12 +298,12 @@ def test_eight_concurrent_streams_each_get_what_they_get_alone(server, reference
 
 
 # ---------------------------------------------------------------------- failures
-def _post(url: str, body: str | dict, key: str | None = None) -> httpx.Response:
+def _post(url: str, body: str | dict, key: str | None = None, timeout: float | httpx.Timeout = 30) -> httpx.Response:
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     data = body if isinstance(body, str) else json.dumps(body)
-    return httpx.post(url, content=data, headers=headers, timeout=30)
+    return httpx.post(url, content=data, headers=headers, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -371,8 +371,9 @@ def test_full_queue_is_429_and_the_waiting_request_runs_later(restricted):
         restricted.client(KEY).completions.create, model="salm", prompt="x", max_tokens=3, temperature=0
     )
     restricted.wait_for(lambda h: h["waiting"] == 1)
-    with pytest.raises(openai.RateLimitError, match="the queue is full"):
+    with pytest.raises(openai.RateLimitError, match="the queue is full") as full:
         restricted.client(KEY).completions.create(model="salm", prompt="x", max_tokens=3)
+    assert full.value.response.headers["retry-after"] == "1"
     running.close()
     c.close()
     assert waiting.result(timeout=30).usage.completion_tokens == 3
@@ -386,6 +387,21 @@ def test_a_client_that_disconnects_frees_its_slot(restricted):
     h = restricted.wait_for(lambda h: h["running"] == 0, timeout=3)
     time.sleep(0.3)
     assert restricted.health()["steps"] - h["steps"] <= 1  # nothing decodes for the gone client
+    got = restricted.client(KEY).completions.create(model="salm", prompt="x", max_tokens=2, temperature=0)
+    assert got.usage.completion_tokens == 2
+
+
+def test_a_non_streaming_client_that_leaves_is_cancelled_within_two_steps(restricted):
+    before = restricted.health()["steps"]
+    body = {"model": "salm", "prompt": PROMPTS[0], "max_tokens": 250, "temperature": 0}  # ~8 s of steps
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.5 s (curl -m) and closes its socket
+        _post(restricted.url + "/v1/completions", body, key=KEY, timeout=httpx.Timeout(30, read=0.5))
+    left = restricted.health()["steps"]
+    h = restricted.wait_for(lambda h: h["running"] == 0, timeout=3)
+    assert h["steps"] - left <= 2  # it stopped within two steps of the client leaving
+    time.sleep(0.3)
+    assert restricted.health()["steps"] == h["steps"]  # and nothing decodes for it since
+    assert 0 < left - before < 125  # it was decoding when the client left, and far from done
     got = restricted.client(KEY).completions.create(model="salm", prompt="x", max_tokens=2, temperature=0)
     assert got.usage.completion_tokens == 2
 
@@ -443,6 +459,7 @@ def test_playground_shows_who_spoke(server, reference, tmp_path):
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
     args += ["--disable-component-update", "--disable-sync", "--no-first-run"]
     want = _gen(reference, "The quick brown fox", max_new_tokens=24)
+    want_threshold = _gen(reference, "The quick brown fox", max_new_tokens=24, routing="threshold:0.3")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=args)
         try:
@@ -460,6 +477,12 @@ def test_playground_shows_who_spoke(server, reference, tmp_path):
             shares = page.eval_on_selector_all("#shares span.share", "els => els.map(e => e.textContent)")
             title = page.get_attribute("#answer span.tok >> nth=0", "title")
             page.screenshot(path=os.environ.get("SALM_SCREENSHOT", str(tmp_path / "playground.png")))
+            assert page.is_disabled("#threshold")  # p only matters for threshold routing
+            page.select_option("#routing", "threshold")
+            page.fill("#threshold", "0.3")
+            page.click("#go")
+            page.wait_for_selector("#answer[data-done='1']", timeout=30_000)
+            threshold_members = page.eval_on_selector_all("#answer span.tok", "els => els.map(e => e.dataset.member)")
         finally:
             browser.close()
     assert [m for m, _ in tokens] == [d.member for d in want.decisions]
@@ -474,6 +497,8 @@ def test_playground_shows_who_spoke(server, reference, tmp_path):
         shown = [float(s.split()[1].rstrip("%")) for s in shares if s.split()[0] == m]
         assert shown and abs(shown[0] - share) <= 0.5 + 1e-9
     assert all(f"{m}: " in title for m in reference.model_ids)  # routing probabilities on hover
+    assert threshold_members == [d.member for d in want_threshold.decisions]  # the page sent threshold:0.3
+    assert threshold_members != [d.member for d in want.decisions]  # which routes differently from argmax
 
 
 def test_serve_help_imports_nothing_heavy():

@@ -1,13 +1,17 @@
 """``salm serve``: the ensemble behind an OpenAI-compatible HTTP API, with a playground page.
 
 Nothing heavy is imported here; FastAPI, uvicorn and torch load when the server starts
-(``pip install 'salm[serve]'``). The command's flags live in :mod:`salm.commands.serve`.
+(``pip install -e ".[serve]"`` from a clone). The command's flags live in :mod:`salm.commands.serve`.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
+
+from salm.serve.settings import ServeSettings
+
+__all__ = ["ServeSettings", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -17,22 +21,23 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    model_name: str = "salm",
-    api_key: str | None = None,
+    settings: ServeSettings | None = None,
     max_batch: int = 16,
     max_queue: int = 64,
     shutdown_grace: float = 10.0,
 ) -> None:
-    """Serve ``model`` (a loaded ensemble) until SIGINT/SIGTERM: the engine, the app, uvicorn."""
+    """Serve ``model`` (a loaded ensemble) until SIGINT/SIGTERM: the engine, the app, uvicorn.
+    ``settings``: the HTTP layer's (model id, API key, body cap; see :class:`ServeSettings`)."""
     import uvicorn
 
     from salm.serve.app import create_app
     from salm.serve.engine import Engine
 
+    settings = settings or ServeSettings()
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
-    app = create_app(engine, model_name=model_name, api_key=api_key)
+    app = create_app(engine, settings)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_grace, log_level="info")
-    print(f"saLM serving {model.model_ids} as {model_name!r} at http://{host}:{port}/", flush=True)
+    print(f"saLM serving {model.model_ids} as {settings.model_name!r} at http://{host}:{port}/", flush=True)
     _Server(config).run()
 
 

@@ -25,6 +25,10 @@ _NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 """OpenAI fields saLM accepts only at their no-op value: (is it the no-op?, the error naming what to do)."""
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds accepted: every seed torch's generators take (a 64-bit integer, signed or not). OpenAI sets no
+range; outside this one seeding would fail inside the engine, so it is a 400 naming ``seed`` here."""
+
 
 def _no_op_only(v: Any, info: ValidationInfo) -> Any:
     ok, message = _NO_OPS[info.field_name]
@@ -43,7 +47,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = 1
