@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="trained heads (a saLM folder); without --models its config names the members",
     )  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on, 1 to 65535")
     parser.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--model_name", default="salm", help="the ensemble's id in /v1/models and requests")
     parser.add_argument("--max_batch", type=int, default=16, help="requests decoded together")
