@@ -102,9 +102,9 @@ def _submit(state: ServerState, ids: list[int], params: SamplingParams, sink: Ca
 async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
     """Put None on ``queue`` when the client disconnects.
 
-    The server tells the app about a disconnect only through ``receive()``; polling it between events (as
-    ``request.is_disconnected()`` would need) never happens while tokens keep arriving, so this task waits
-    on it instead and wakes the handler the moment the connection drops.
+    The server reports a disconnect only as a message from ``receive()``. Polling for it once no event has
+    come for a while misses the clients of every request that is decoding (a token arrives every step), so
+    this task waits on ``receive()`` and wakes the handler the moment the connection drops.
     """
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -116,6 +116,7 @@ def _gone() -> JSONResponse:
 
 
 async def _generate(state: ServerState, request: Request, body, ids: list[int], chat: bool):
+    """Run the request in the engine: one response, or a stream once its first event is there."""
     params = _params(state, body, len(ids), chat)
     queue: asyncio.Queue[Event | None] = asyncio.Queue()
     handle = _submit(state, ids, params, queue.put_nowait, chat)

@@ -18,8 +18,7 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
 """The ``Retry-After`` of a 429 (queue full), in seconds. The queue is full only until one running request
 finishes, and with continuous batching a slot frees at the very next decode step after that: a second lets a
-client come back soon without hammering the server; clients that back off (the openai client does) wait longer
-on their own."""
+client come back soon without hammering the server (the openai client waits exactly this long per retry)."""
 
 
 class APIError(Exception):
