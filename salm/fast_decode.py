@@ -14,7 +14,7 @@ member gets a Hugging Face ``StaticCache`` of a fixed length and the step's inpu
   whose results are dropped. A new bucket pays one warm-up
   (compilation, and on CUDA the graph capture), timed and kept in :func:`warmup_report`.
 
-The step itself is :func:`salm.generation.ensemble_step` — the very function the dynamic path runs (every
+The step itself is :func:`salm.decode_step.ensemble_step` — the very function the dynamic path runs (every
 routed member's forward, their last-position logits and the heads) — compiled whole with
 ``torch.compile`` (``mode="reduce-overhead"`` on CUDA, i.e. CUDA graphs; the default mode elsewhere).
 The prefill runs eagerly (its shape changes with every prompt width). Where ``torch.compile`` is missing or
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from salm.decode_step import ensemble_step
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +141,6 @@ def _release(model, keys: list[tuple[int, int, int]]) -> None:
 
 def _compiled_step(model, run: tuple[int, ...], heads: bool):
     """``ensemble_step`` for members ``run`` compiled once per member set (shapes guard the recompiles)."""
-    from salm.generation import ensemble_step
-
     state = _state(model)
     key = (run, heads)
     fn = state["compiled"].get(key)
@@ -200,8 +200,6 @@ class StaticStepper:
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The left-padded prompt, eagerly (its width changes with every batch)."""
-        from salm.generation import ensemble_step
-
         ids = self._pad_rows(ids)
         pos = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self._check_room(ids.shape[1])
@@ -217,8 +215,6 @@ class StaticStepper:
         batch bucket, they move (cache rows copied) into that bucket. Outputs keep the caller's ``rows``
         order; a finished row's outputs are those of a live row (the caller ignores them).
         """
-        from salm.generation import ensemble_step
-
         self._check_room(1)
         if self.history is not None:  # every slot's chosen token, under the logits it was chosen from
             self.history.observe(self.logits, self._pad_rows(token[self.live][:, None])[:, 0])

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from salm.decode_step import ensemble_step
 from salm.generation import (
     DecodeConfig,
     GenerationError,
@@ -35,7 +36,6 @@ from salm.generation import (
     _decision,
     _stop_index,
     choose_tokens,
-    ensemble_step,
     parse_routing,
 )
 
@@ -265,11 +265,13 @@ class Engine:
         """Every member over the fed tokens -> (logits [B, M, V] at the last position, routing probs [B, M]).
 
         All members run whatever each row's routing: rows of different routings share the batch. The step is
-        generation's own (:func:`salm.generation.ensemble_step`), so the router sees exactly what it sees there
+        generation's own (:func:`salm.decode_step.ensemble_step`), so the router sees exactly what it sees there
         (``history``: the rows' record on their text so far, for routers that read one, else None).
         """
         members = tuple(range(len(self.model.members)))
-        return ensemble_step(self.model, members, True, ids, mask, pos, caches, history)
+        logits, probs = ensemble_step(self.model, members, True, ids, mask, pos, caches, history)
+        self.model.check_routing(probs)  # never answer on NaN routing: the running requests fail, naming the weights
+        return logits, probs
 
     def _admit(self, joining: list[_Request]) -> None:
         """Prefill the requests that arrived since the last step together (left-padded, as ``generate``
