@@ -27,6 +27,9 @@ def ensemble_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Members ``run`` read ``input_ids`` -> (their last-position logits [B, R, V], routing probs [B, M] or None).
 
+    ``caches`` holds one cache per forward, :meth:`~salm.member_forward.MemberForward.run_groups` of ``run``
+    (members on one base run together, their rows in blocks of the one cache).
+
     The one place where every running member's next-token scores exist at a step (per-member features
     such as confidences hook in here). ``heads`` scores the members' final hidden states (all members
     must run). The dynamic and the static paths both call this; the static path compiles it whole.
@@ -38,23 +41,24 @@ def ensemble_step(
     whose inputs must be tensors).
     """
     prompt = heads and isinstance(history, RouterState) and history.reads_text and input_ids.shape[1] > 1
-    hidden, logits, read = [], [], []
-    for i, cache in zip(run, caches):
-        full = prompt and not model._split_head(i)  # a head that cannot run apart: its logits at every position
+    hidden, logits, read = {}, {}, {}
+    for group, cache in zip(model.run_groups(run), caches):
+        full = prompt and not model._split_head(group[0])  # a head that cannot run apart: logits at every position
         at = None if full else slice(-1, None)
-        h, lg, _ = model.run_member(i, input_ids, attention_mask, position_ids, cache, at)
-        if prompt:
-            read.append(model.token_logprobs(i, h, lg if full else None, input_ids))
-        hidden.append(h[:, -1])
-        logits.append(lg[:, -1])
-    stacked = torch.stack(logits, 1)  # [B, R, V]
+        hs, lgs, _ = model.run_members(group, input_ids, attention_mask, position_ids, cache, at)
+        for i, h, lg in zip(group, hs, lgs):
+            if prompt:
+                read[i] = model.token_logprobs(i, h, lg if full else None, input_ids)
+            hidden[i], logits[i] = h[:, -1], lg[:, -1]
+    stacked = torch.stack([logits[i] for i in run], 1)  # [B, R, V]
     probs = None
     if heads:  # router input: hidden states + confidence statistics of these same logits (all members ran)
         if prompt:
-            history.replay(torch.stack(read, -1), read_mask(attention_mask[:, : input_ids.shape[1]]))
+            history.replay(torch.stack([read[i] for i in run], -1), read_mask(attention_mask[:, : input_ids.shape[1]]))
         feats = history.features() if isinstance(history, RouterState) else history
         with torch.no_grad():
-            probs = torch.softmax(model.router_logits(hidden, model.confidence_features(stacked, feats)), dim=-1)
+            states = [hidden[i] for i in run]
+            probs = torch.softmax(model.router_logits(states, model.confidence_features(stacked, feats)), dim=-1)
     return stacked, probs
 
 
@@ -67,7 +71,8 @@ class DynamicStepper:
 
         self.model, self.run, self.heads, self.mask = model, run, heads, mask
         self.use_cache = use_cache
-        self.caches = [DynamicCache(config=model.members[i].config) if use_cache else None for i in run]
+        groups = model.run_groups(run)  # one cache per forward: members on one base share it (blocks of rows)
+        self.caches = [DynamicCache(config=model.members[g[0]].config) if use_cache else None for g in groups]
         self.history = model.new_history(mask.shape[0]) if heads else None
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,3 +97,19 @@ class DynamicStepper:
         self.logits, probs = ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches,
                                            self.history)  # fmt: skip
         return self.logits, probs
+
+
+def block_rows(index: torch.Tensor, blocks: int, rows: int) -> torch.Tensor:
+    """Row ``index`` of a batch of ``rows`` rows, in a cache holding ``blocks`` member-major copies of it (members
+    on one base run together: :meth:`~salm.member_forward.MemberForward.run_members`)."""
+    if blocks == 1:
+        return index
+    return torch.cat([index + b * rows for b in range(blocks)])
+
+
+def join_blocks(old: torch.Tensor, new: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Rows of two caches' tensors of ``blocks`` member-major blocks each, joined block by block."""
+    if blocks == 1:
+        return torch.cat([old, new], 0)
+    a, b = old.unflatten(0, (blocks, -1)), new.unflatten(0, (blocks, -1))
+    return torch.cat([a, b], 1).flatten(0, 1)

@@ -33,7 +33,7 @@ from salm.members import (
     check_tokenizers,
     context_length,
     eos_token_ids,
-    load_member_model,
+    load_member_models,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
@@ -113,7 +113,7 @@ class MultiModelWithScalarHeads(MemberForward, nn.Module):
         if members is None:
             tokenizers = [load_tokenizer(m, trust_remote_code) for m in infos]
             check_tokenizers(tokenizers, infos)
-            members = [load_member_model(m, m.device or self.device, self.dtype, trust_remote_code) for m in infos]
+            members = load_member_models(infos, self.device, self.dtype, trust_remote_code)
             tokenizer = tokenizers[0]
         else:
             if len(members) != len(infos):
@@ -138,6 +138,8 @@ class MultiModelWithScalarHeads(MemberForward, nn.Module):
         self.eos_token_ids = eos_token_ids(self.members, tokenizer)
         self.hidden_sizes = [m.config.hidden_size for m in self.members]
         self.build_router(self.head_config.router)
+        # Per member: its LoRA adapter's name in the base it shares (salm.adapters), None for a whole model.
+        self.adapter_names = [m.id if m.adapter else None for m in infos]
         self._cache_kwarg = [
             "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values" for m in self.members
         ]

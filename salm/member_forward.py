@@ -7,6 +7,8 @@ features training and scoring read (hidden states, gold log-probs, router statis
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,15 @@ class MemberForward:
         m = self.members[i]
         return m.config.model_type in _SPLIT_SAFE and getattr(m, "base_model", m) is not m
 
+    def run_groups(self, run: Sequence[int]) -> list[tuple[int, ...]]:
+        """``run`` split into the sets of members that run in one forward: members on one base with LoRA
+        adapters (:mod:`salm.adapters`) together, every other member alone; in order of first appearance."""
+        groups: dict[int, list[int]] = {}
+        for i in run:
+            shared = getattr(self.members[i], "salm_lora", None) is not None
+            groups.setdefault(id(self.members[i]) if shared else -1 - i, []).append(i)
+        return [tuple(g) for g in groups.values()]
+
     def run_member(
         self,
         i: int,
@@ -63,19 +74,56 @@ class MemberForward:
         logits_positions: slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """One member forward: (final hidden [B, L, H], fp32 logits [B, L', V] for ``logits_positions``, cache)."""
-        model = self.members[i]
-        dev = self.member_device(i)
+        hidden, logits, cache = self._forward((i,), input_ids, attention_mask, position_ids, cache, logits_positions)
+        return hidden[0], logits[0], cache
+
+    def run_members(
+        self,
+        group: Sequence[int],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any = None,
+        logits_positions: slice | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
+        """The members of ``group`` (one of :meth:`run_groups`) over one batch in one forward: per member its final
+        hidden [B, L, H] and fp32 logits [B, L', V] for ``logits_positions``; the cache holds ``len(group)``
+        blocks of the batch's rows, member-major (:func:`salm.decode_step.block_rows` maps row indices into it)."""
+        if len(group) == 1:
+            h, lg, cache = self.run_member(group[0], input_ids, attention_mask, position_ids, cache, logits_positions)
+            return [h], [lg], cache
+        return self._forward(group, input_ids, attention_mask, position_ids, cache, logits_positions)
+
+    def _forward(
+        self,
+        group: Sequence[int],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        logits_positions: slice | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], Any]:
+        first = group[0]
+        model = self.members[first]
+        dev = self.member_device(first)
+        k = len(group)
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return (t if k == 1 else t.repeat(k, *([1] * (t.dim() - 1)))).to(dev)
+
         kw = {
-            "input_ids": input_ids.to(dev),
-            "attention_mask": attention_mask.to(dev),
-            "position_ids": position_ids.to(dev),
+            "input_ids": rows(input_ids),
+            "attention_mask": rows(attention_mask),
+            "position_ids": rows(position_ids),
             "use_cache": cache is not None,
         }
         if cache is not None:
-            kw[self._cache_kwarg[i]] = cache
+            kw[self._cache_kwarg[first]] = cache
         sl = logits_positions if logits_positions is not None else slice(None)
-        with torch.no_grad():
-            if self._split_head(i):
+        bank = getattr(model, "salm_lora", None)
+        layout = bank.blocks([self.adapter_names[i] for i in group]) if bank is not None else contextlib.nullcontext()
+        with torch.no_grad(), layout:
+            if self._split_head(first):
                 out = model.base_model(**kw)
                 hidden = out.last_hidden_state
                 logits = model.get_output_embeddings()(hidden[:, sl])
@@ -84,7 +132,8 @@ class MemberForward:
                 hidden = out.hidden_states[-1]
                 logits = out.logits[:, sl]
         logits = logits[..., : self.vocab_size].float().to(self.device)
-        return hidden.detach().to(self.device), logits, cache
+        hidden = hidden.detach().to(self.device)
+        return list(hidden.chunk(k)), list(logits.chunk(k)), cache
 
     def member_outputs(
         self,
@@ -96,11 +145,11 @@ class MemberForward:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden, logits = [], []
-        for i in range(len(self.members)):
-            h, lg, _ = self.run_member(i, input_ids, attention_mask, position_ids, None, logits_positions)
-            hidden.append(h)
-            logits.append(lg)
+        hidden, logits = [None] * len(self.members), [None] * len(self.members)
+        for group in self.run_groups(range(len(self.members))):
+            hs, lgs, _ = self.run_members(group, input_ids, attention_mask, position_ids, None, logits_positions)
+            for i, h, lg in zip(group, hs, lgs):
+                hidden[i], logits[i] = h, lg
         return MemberOutputs(hidden, logits)
 
     def gold_logprobs(
@@ -137,14 +186,15 @@ class MemberForward:
         following, targets, labelled = following[rows_mask], nxt[rows_mask], mask[rows_mask]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         M = len(self.members)
-        hidden, sources = [], []
-        for i, member in enumerate(self.members):
-            split = self._split_head(i)
-            h, logits, _ = self.run_member(
-                i, input_ids, attention_mask, position_ids, None, slice(0, 0) if split else None
-            )
-            hidden.append(h)
-            sources.append((h[rows_mask], member.get_output_embeddings()) if split else (logits[rows_mask], None))
+        hidden: list[Any] = [None] * M
+        sources: list[Any] = [None] * M
+        for group in self.run_groups(range(M)):
+            split = self._split_head(group[0])
+            at = slice(0, 0) if split else None
+            hs, lgs, _ = self.run_members(group, input_ids, attention_mask, position_ids, None, at)
+            for i, h, lg in zip(group, hs, lgs):
+                hidden[i] = h
+                sources[i] = (h[rows_mask], self.members[i].get_output_embeddings()) if split else (lg[rows_mask], None)
         n = int(rows_mask.sum())
         rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * M))
         next_parts, gold_parts, stat_parts = [], [], []

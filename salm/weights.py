@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from salm.members import ModelInfo, resolve_member_id
+from salm.members import MEMBER_FIELDS, ModelInfo, resolve_member_id
 from salm.routers import HeadConfig, HeadConfigError, router_class, router_of_state
 
 CONFIG_NAME = "salm_config.json"
@@ -131,9 +131,6 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return state, config
 
 
-_MEMBER_FIELDS = {"id", "name", "path", "parameters", "task", "revision", "device"}
-
-
 def read_config(path: Path) -> dict[str, Any]:
     """A ``salm_config.json``, checked enough that using it cannot fail with a raw traceback."""
     try:
@@ -147,10 +144,10 @@ def read_config(path: Path) -> dict[str, Any]:
     for i, m in enumerate(config["members"]):
         if not isinstance(m, dict) or not {"id", "path"} <= set(m):
             raise WeightsError(f"{path}: member #{i + 1} needs at least 'id' and 'path'")
-        unknown = set(m) - _MEMBER_FIELDS - {"hidden_size"}
+        unknown = set(m) - MEMBER_FIELDS - {"hidden_size"}
         if unknown:
             raise WeightsError(
-                f"{path}: member {m['id']!r} has unknown fields {sorted(unknown)} (known: {sorted(_MEMBER_FIELDS)})"
+                f"{path}: member {m['id']!r} has unknown fields {sorted(unknown)} (known: {sorted(MEMBER_FIELDS)})"
             )
     try:
         config_heads(config)
