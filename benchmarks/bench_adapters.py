@@ -86,26 +86,30 @@ def child_memory(args: argparse.Namespace) -> None:
     spec = json.loads(args.child_spec)
     base, adapters = Path(spec["base"]), [Path(a) for a in spec["adapters"]]
     members = infos(base, adapters)
-    prompt = "def add(a, b):\n    return a + b\n" * 4
-    with torch.no_grad():  # one forward touches every weight (memory-mapped files count once read)
-        if spec["case"] == "base":  # the base alone as a plain model
-            from transformers import AutoModelForCausalLM
+    if spec["case"] in ("base", "peft"):  # the base alone as a plain model; PEFT's model of the base + adapters
+        from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, spec["dtype"]))
-            weights = common.weight_bytes(model)
-            tok = common.bench_tokenizer()
-            model(**tok(prompt, return_tensors="pt"))
-        else:
-            model = MultiModelWithScalarHeads(members, device="cpu", dtype=spec["dtype"], router="aware")
-            weights = common.weight_bytes(model.members[0])
-            model.generate(prompt, max_new_tokens=2, temperature=0)
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, spec["dtype"]))
+        module = model
+        if spec["case"] == "peft":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="lora0")
+            for k, a in enumerate(adapters[1:], 1):
+                model.load_adapter(str(a), adapter_name=f"lora{k}")
+    else:
+        model = MultiModelWithScalarHeads(members, device="cpu", dtype=spec["dtype"], router="aware")
+        module = model.members[0]
+    with torch.no_grad():  # read every page of every weight (memory-mapped files count once read), nothing else
+        for p in list(module.parameters()) + list(model.parameters()):
+            p.reshape(-1)[::512].float().sum()
     rss = proc.memory_info().rss
-    print(json.dumps({"rss_after_import": before, "rss_loaded": rss, "weight_bytes": weights}))
+    print(json.dumps({"rss_after_import": before, "rss_loaded": rss, "weight_bytes": common.weight_bytes(module)}))
 
 
 def memory(args: argparse.Namespace, base: Path, adapters: list[Path]) -> dict[str, Any]:
     out = {}
-    for case in ("base", "ensemble"):
+    for case in ("base", "peft", "ensemble"):
         spec = json.dumps(
             {"case": case, "base": str(base), "adapters": [str(a) for a in adapters], "dtype": args.dtype}
         )
@@ -123,6 +127,11 @@ def memory(args: argparse.Namespace, base: Path, adapters: list[Path]) -> dict[s
         "ensemble_net_rss_bytes": ens_net,
         "ensemble_over_base_plus_adapters": ens_net / needed,
         "ensemble_over_base_net_rss": ens_net / base_net,
+        "peft_net_rss_bytes": out["peft"]["rss_loaded"] - out["peft"]["rss_after_import"],
+        # the same base and adapters held by PEFT's own model (what a user would load to have all of them)
+        "ensemble_over_peft_net_rss": ens_net / (out["peft"]["rss_loaded"] - out["peft"]["rss_after_import"]),
+        # what the adapters add beyond their own weights: 1.0 means the ensemble holds the base once plus the adapters
+        "ensemble_over_base_rss_plus_adapters": ens_net / (base_net + needed - out["base"]["weight_bytes"]),
         "separate_merged_members_weight_bytes": members * out["base"]["weight_bytes"],
         "target_ensemble_over_base_plus_adapters": TARGET_MEMORY_RATIO,
         "raw": out,
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=32)
     p.add_argument("--peft_reference", action="store_true", help="also time PEFT's own mixed batch")
     p.add_argument("--keep", default=None, help="build base/adapters into this folder and keep them")
+    p.add_argument("--only", choices=["memory", "speed"], default=None, help="one part (merged into --out)")
     p.add_argument("--out", default=None)
     p.add_argument("--child_spec", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -233,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         base, adapters = build(root, args.base, args.quick, args.rank, args.adapters)
-        common.log("memory")
-        mem = memory(args, base, adapters)
-        common.log(f"memory: ensemble {mem['ensemble_over_base_plus_adapters']:.2f} x (base + adapters)")
-        common.log("decode steps")
-        spd = speed(args, base, adapters)
-        common.log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in spd["ratios"].items()))
+        old = json.loads(Path(out).read_text()) if args.only and Path(out).is_file() else {}
+        mem, spd = old.get("memory"), old.get("decode")
+        if args.only != "speed":
+            common.log("memory")
+            mem = memory(args, base, adapters)
+            common.log(f"memory: ensemble {mem['ensemble_over_base_plus_adapters']:.2f} x (base + adapters)")
+        if args.only != "memory":
+            common.log("decode steps")
+            spd = speed(args, base, adapters)
+            common.log("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in spd["ratios"].items()))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

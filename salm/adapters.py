@@ -80,11 +80,12 @@ class LoraBank:
         self.adapters = tuple(adapters)
         self.layout: tuple[str | None, ...] = (BASE,)
         self._lock = threading.RLock()
-        self._stacks: dict[tuple[int, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._stacks: dict[int, tuple[tuple[str, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.layers = []
         for name, module in base.named_modules():
             if isinstance(module, LoraLinear):
                 module.forward = self._bound(module)  # an instance attribute: this layer only
+                self._stack(module)
                 self.layers.append(module)
                 module.salm_name = name
 
@@ -132,23 +133,31 @@ class LoraBank:
             out = rest
         return out.reshape(result.shape)
 
-    def _stacked(self, layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The adapters' A and B matrices stacked (ranks zero-padded to the largest: the products are unchanged)
-        and their scalings, built once per layer and set of adapters."""
-        key = (id(layer), names)
-        stack = self._stacks.get(key)
-        if stack is None:
-            a_w = [layer.lora_A[n].weight for n in names]
-            b_w = [layer.lora_B[n].weight for n in names]
-            r = max(w.shape[0] for w in a_w)
-            a = a_w[0].new_zeros(len(names), r, a_w[0].shape[1])
-            b = b_w[0].new_zeros(len(names), b_w[0].shape[0], r)
+    def _stack(self, layer: Any) -> None:
+        """Every adapter's A and B of ``layer`` in one tensor each (ranks zero-padded to the largest, which leaves
+        the products unchanged), with PEFT's own weights made views into them: the matrices are held once."""
+        names = tuple(n for n in self.adapters if n in layer.lora_A)
+        a_w = [layer.lora_A[n].weight for n in names]
+        b_w = [layer.lora_B[n].weight for n in names]
+        r = max(w.shape[0] for w in a_w)
+        a = a_w[0].new_zeros(len(names), r, a_w[0].shape[1])
+        b = b_w[0].new_zeros(len(names), b_w[0].shape[0], r)
+        with torch.no_grad():
             for k, (wa, wb) in enumerate(zip(a_w, b_w)):
-                a[k, : wa.shape[0]] = wa.detach()
-                b[k, :, : wb.shape[1]] = wb.detach()
-            s = torch.tensor([float(layer.scaling[n]) for n in names], dtype=a.dtype, device=a.device)
-            stack = self._stacks[key] = (a, b, s)
-        return stack
+                a[k, : wa.shape[0]] = wa
+                b[k, :, : wb.shape[1]] = wb
+                wa.data = a[k, : wa.shape[0]]
+                wb.data = b[k, :, : wb.shape[1]]
+        s = torch.tensor([float(layer.scaling[n]) for n in names], dtype=a.dtype, device=a.device)
+        self._stacks[id(layer)] = (names, a, b, s)
+
+    def _stacked(self, layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stacked A, B and scalings of adapters ``names`` (all of this layer's, in order: no copy)."""
+        order, a, b, s = self._stacks[id(layer)]
+        if names == order:
+            return a, b, s
+        index = torch.tensor([order.index(n) for n in names], device=a.device)
+        return a.index_select(0, index), b.index_select(0, index), s.index_select(0, index)
 
 
 def load_adapters(base: nn.Module, members: Sequence[Any], trust_remote_code: bool = False) -> LoraBank:
@@ -168,10 +177,14 @@ def load_adapters(base: nn.Module, members: Sequence[Any], trust_remote_code: bo
         try:
             if model is None:
                 model = peft.PeftModel.from_pretrained(
-                    base, where, adapter_name=info.id, revision=info.adapter_revision, is_trainable=False
-                )
+                    base, where, adapter_name=info.id, revision=info.adapter_revision, is_trainable=False,
+                    low_cpu_mem_usage=True,  # no throw-away random init of the LoRA matrices before loading them
+                )  # fmt: skip
             else:
-                model.load_adapter(where, adapter_name=info.id, revision=info.adapter_revision, is_trainable=False)
+                model.load_adapter(
+                    where, adapter_name=info.id, revision=info.adapter_revision, is_trainable=False,
+                    low_cpu_mem_usage=True,
+                )  # fmt: skip
         except Exception as e:  # noqa: BLE001 - shape mismatches (an adapter of another base) and friends
             raise MemberError(
                 f"member {info.id!r}: adapter {info.adapter} does not fit its base {info.path}: {_first_line(e)}"

@@ -111,7 +111,11 @@ class MultiModelWithScalarHeads(MemberForward, nn.Module):
         self.infos = infos
         self.model_ids = [m.id for m in infos]
         if members is None:
-            tokenizers = [load_tokenizer(m, trust_remote_code) for m in infos]
+            loaded: dict[tuple[str, str | None], Any] = {}  # members on one base read its tokenizer once
+            for m in infos:
+                if (m.path, m.revision) not in loaded:
+                    loaded[(m.path, m.revision)] = load_tokenizer(m, trust_remote_code)
+            tokenizers = [loaded[(m.path, m.revision)] for m in infos]
             check_tokenizers(tokenizers, infos)
             members = load_member_models(infos, self.device, self.dtype, trust_remote_code)
             tokenizer = tokenizers[0]
