@@ -94,7 +94,36 @@ def stored_dim(n_members: int) -> int:
     return history_dim(n_members) + stats_dim(n_members)
 
 
-class History:
+class RouterState:
+    """A router's per-sequence state, carried by decoding through the prefill, every step, and the rows
+    joining (:meth:`extend`) and leaving (:meth:`select`) a running batch; :meth:`features` is what the router
+    reads of it. This base keeps nothing: the state of routers that read only the current position.
+
+    ``reads_text``: the state reads every member's log-prob of the prompt's tokens at the prefill
+    (:meth:`replay`), which decoding then computes (it costs one LM-head pass over the prompt).
+    """
+
+    reads_text = False
+
+    def replay(self, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
+        """Start over and read a whole text (``logp`` [rows, L, M], ``valid`` [rows, L])."""
+        return None
+
+    def observe(self, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Add the chosen ``tokens`` [rows] under the step's member ``logits`` [rows, M, V]."""
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) rows: ``index`` [rows'] as ``Tensor.index_select`` takes it."""
+
+    def extend(self, other: RouterState) -> None:
+        """Append ``other``'s rows (a server admitting requests into a running batch)."""
+
+    def features(self) -> torch.Tensor | None:
+        """[rows, F]: what the router reads of this state, or None."""
+        return None
+
+
+class History(RouterState):
     """Each member's record on the text so far: how well it predicted every token already read or written.
 
     The statistics above describe one next-token distribution; they cannot tell a member that *knows* a
@@ -108,6 +137,8 @@ class History:
     (:meth:`observe`) each chosen token under the logits it was chosen from; feature extraction replays the
     same recurrence over the gold text (:func:`history_over`), so training and decoding see identical inputs.
     """
+
+    reads_text = True
 
     def __init__(self, rows: int, n_members: int, device: torch.device | str | None = None):
         self.state = torch.zeros(rows, 2 * n_members + 1, device=device)  # sum[M], recent[M], count[1]
@@ -149,7 +180,7 @@ class History:
         """Keep (and reorder) rows: ``index`` [rows'] as ``Tensor.index_select`` takes it."""
         self.state = self.state.index_select(0, index.to(self.state.device))
 
-    def extend(self, other: History) -> None:
+    def extend(self, other: RouterState) -> None:
         """Append ``other``'s rows (a server admitting requests into a running batch)."""
         self.state = torch.cat([self.state, other.state.to(self.state.device)], 0)
 

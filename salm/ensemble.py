@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,18 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm import __version__
-from salm.confidence import (
-    History,
-    confidence_stats,
-    history_dim,
-    history_over,
-    read_mask,
-    stats_dim,
-    stored_dim,
-)
+from salm.confidence import RouterState, history_over, read_mask
 from salm.generation import FROM_CONFIG
-from salm.heads import HeadConfig, HeadConfigError, JointRouter, ScalarProjectionHead
 from salm.io import atomic_dir, atomic_write_json
+from salm.member_forward import MemberForward, MemberOutputs  # noqa: F401 - MemberOutputs: its old home
 from salm.members import (
     MODELS,
     MemberError,
@@ -42,51 +33,30 @@ from salm.members import (
     check_tokenizers,
     context_length,
     eos_token_ids,
-    load_member_model,
+    load_member_models,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
-    resolve_member_id,
     resolve_models,
+)
+from salm.routers import HeadConfig, HeadConfigError, router_class
+from salm.weights import (  # noqa: F401 - CONFIG_NAME ... read_weights are also imported from here, their old home
+    CONFIG_NAME,
+    SEED_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    RoutingError,
+    WeightsError,
+    canonical_state,
+    config_heads,
+    config_members,
+    head_state_problems,
+    heads_of_state,
+    read_config,
+    read_weights,
 )
 
 if TYPE_CHECKING:
     from salm.generation import DecodeConfig, TokenDecision
-
-CONFIG_NAME = "salm_config.json"
-WEIGHTS_NAME = "heads.safetensors"
-SEED_WEIGHTS_NAME = "best_model_heads.pt"
-
-# Causal LMs whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``:
-# for these we run the decoder and the LM head apart, which lets generation project only the last
-# position and hands the heads the final hidden state without keeping every layer's activations.
-_SPLIT_SAFE = {
-    "qwen2",
-    "qwen3",
-    "llama",
-    "mistral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "phi3",
-    "olmo",
-    "olmo2",
-    "smollm3",
-}
-# LM-head rows projected at once for gold log-probs (bounds the [rows, V] fp32 buffer to ~256 MB).
-_LOGIT_ELEMENTS = 1 << 26
-
-
-class WeightsError(ValueError):
-    """Head weights that are missing or do not fit the members."""
-
-
-@dataclass
-class MemberOutputs:
-    """What the frozen members contribute at each position: hidden state and next-token scores."""
-
-    hidden_states: list[torch.Tensor]  # per member [B, L, H_m], detached, on the heads' device
-    logits: list[torch.Tensor]  # per member [B, L', V] fp32 (L' = positions asked for), on the heads' device
-    caches: list[Any] | None = None
 
 
 @dataclass
@@ -102,7 +72,7 @@ class EnsembleOutput:
         return torch.softmax(self.router_logits, dim=-1)
 
 
-class MultiModelWithScalarHeads(nn.Module):
+class MultiModelWithScalarHeads(MemberForward, nn.Module):
     """An ensemble of frozen causal LMs sharing one tokenizer, routed per token by scalar heads."""
 
     def __init__(
@@ -141,9 +111,13 @@ class MultiModelWithScalarHeads(nn.Module):
         self.infos = infos
         self.model_ids = [m.id for m in infos]
         if members is None:
-            tokenizers = [load_tokenizer(m, trust_remote_code) for m in infos]
+            loaded: dict[tuple[str, str | None], Any] = {}  # members on one base read its tokenizer once
+            for m in infos:
+                if (m.path, m.revision) not in loaded:
+                    loaded[(m.path, m.revision)] = load_tokenizer(m, trust_remote_code)
+            tokenizers = [loaded[(m.path, m.revision)] for m in infos]
             check_tokenizers(tokenizers, infos)
-            members = [load_member_model(m, m.device or self.device, self.dtype, trust_remote_code) for m in infos]
+            members = load_member_models(infos, self.device, self.dtype, trust_remote_code)
             tokenizer = tokenizers[0]
         else:
             if len(members) != len(infos):
@@ -168,25 +142,30 @@ class MultiModelWithScalarHeads(nn.Module):
         self.eos_token_ids = eos_token_ids(self.members, tokenizer)
         self.hidden_sizes = [m.config.hidden_size for m in self.members]
         self.build_router(self.head_config.router)
+        # Per member: its LoRA adapter's name in the base it shares (salm.adapters), None for a whole model.
+        self.adapter_names = [m.id if m.adapter else None for m in infos]
         self._cache_kwarg = [
             "cache" if "cache" in inspect.signature(m.forward).parameters else "past_key_values" for m in self.members
         ]
 
     def build_router(self, router: str) -> None:
-        """(Re)create fresh heads of variant ``router`` (``seed``, ``confidence``, ``joint`` or ``aware``)."""
+        """(Re)create fresh heads of the registered router ``router`` (:func:`salm.routers.router_names`).
+
+        The router object (``router_module``) is not a child of the ensemble: its children are, so the
+        ensemble's ``state_dict`` keys are the ones saved since the seed (``projection_heads.<id>...``).
+        """
         self.head_config = dataclasses.replace(self.head_config, router=router)  # checked like the constructor
-        dim, drop, norm = self.head_config.hidden_dim, self.head_config.dropout, self.head_config.norm
-        f = self.stats_width
-        if router == "joint":
-            heads = {mid: nn.Linear(h, dim) for mid, h in zip(self.model_ids, self.hidden_sizes)}
-            self.joint_router = JointRouter(len(self.model_ids), f, dim, drop)
-        else:
-            heads = {
-                mid: ScalarProjectionHead(h, dim, drop, norm=norm, stats_dim=f)
-                for mid, h in zip(self.model_ids, self.hidden_sizes)
-            }
-            self.joint_router = None
-        self.projection_heads = nn.ModuleDict(heads)
+        for name in self.__dict__.pop("_router_children", ()):
+            delattr(self, name)
+        module = router_class(router)(self.model_ids, self.hidden_sizes, self.head_config)
+        children = [name for name, _ in module.named_children()]
+        taken = [name for name in children if hasattr(self, name)]
+        if taken:
+            raise HeadConfigError(f"router {router!r}: its module names {taken} are taken by the ensemble")
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        self.__dict__["router_module"] = module
+        self.__dict__["_router_children"] = children
         self.to(self.device)
 
     # The seed's and earlier saLM's names for the head settings: views of ``head_config``.
@@ -213,65 +192,32 @@ class MultiModelWithScalarHeads(nn.Module):
 
     @property
     def uses_stats(self) -> bool:
-        """Whether the router reads the members' confidence statistics (generation computes them only then)."""
-        return self.router != "seed"
+        """Whether the router reads inputs besides the hidden states (generation computes them only then)."""
+        return self.router_module.input_width(len(self.model_ids)) > 0
 
     @property
     def uses_history(self) -> bool:
         """Whether the router reads the members' record on the text so far (:class:`salm.confidence.History`)."""
-        return self.router == "aware"
+        return self.router_module.reads_history
 
     @property
     def stats_width(self) -> int:
-        """Router statistics per position: 0 (seed), the confidence statistics, or those after the history."""
-        M = len(self.model_ids)
-        if self.router == "seed":
-            return 0
-        return stats_dim(M) + (history_dim(M) if self.uses_history else 0)
+        """Router inputs per position besides the hidden states (0 for the seed's heads)."""
+        return self.router_module.input_width(len(self.model_ids))
 
     def confidence_features(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Router statistics from stacked member logits ``[..., M, V]`` (and, for the ``aware`` router, the
-        history features ``[..., 2M]``), or None for a router that ignores them.
+        """The router's inputs from stacked member logits ``[..., M, V]`` and the history features ``[..., 2M]``
+        (:meth:`salm.routers.Router.inputs`), or None for a router that reads none.
 
         Generation's hook: the one place it turns the logits it already has into router input. The layout
         matches the feature cache's: history first, then the confidence statistics (see :meth:`member_features`).
         """
-        if not self.uses_stats:
-            return None
-        stats = confidence_stats(logits)
-        if not self.uses_history:
-            return stats
-        if history is None:
-            raise ValueError("the 'aware' router needs the members' history on the text so far (history=)")
-        return torch.cat([history.to(stats.device, stats.dtype), stats], -1)
+        return self.router_module.inputs(logits, history)
 
-    def new_history(self, rows: int) -> History | None:
-        """An empty :class:`~salm.confidence.History` for ``rows`` sequences, or None when the router reads none."""
-        return History(rows, len(self.model_ids), self.device) if self.uses_history else None
-
-    def token_logprobs(self, i: int, hidden: torch.Tensor, logits: torch.Tensor | None, input_ids: torch.Tensor):
-        """Member ``i``'s log-prob of each token given those before it: ``[B, L]`` (position 0: 0).
-
-        From its final hidden states ``[B, L, H]`` through its LM head in chunks of positions (no ``[B, L, V]``
-        tensor), or from ``logits`` ``[B, L, V]`` when its head cannot run apart.
-        """
-        B, L = input_ids.shape
-        out = torch.zeros(B, L, device=self.device)
-        if L < 2:
-            return out
-        nxt = input_ids[:, 1:].to(self.device)
-        head = None if logits is not None else self.members[i].get_output_embeddings()
-        rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * B))
-        with torch.no_grad():
-            for s in range(0, L - 1, rows):
-                e = min(s + rows, L - 1)
-                if head is None:
-                    lg = logits[:, s:e]
-                else:
-                    lg = head(hidden[:, s:e].to(self.member_device(i)))[..., : self.vocab_size].float()
-                lg = lg.to(self.device)
-                out[:, s + 1 : e + 1] = lg.gather(-1, nxt[:, s:e, None]).squeeze(-1) - lg.logsumexp(-1)
-        return out
+    def new_history(self, rows: int) -> RouterState:
+        """The router's per-sequence state for ``rows`` sequences (a :class:`~salm.confidence.History` for the
+        routers that read one; an empty :class:`~salm.confidence.RouterState` otherwise)."""
+        return self.router_module.new_state(rows, self.device)
 
     # ------------------------------------------------------------------ members
     @property
@@ -284,162 +230,33 @@ class MultiModelWithScalarHeads(nn.Module):
         lengths = [n for n in (context_length(m) for m in self.members) if n]
         return min(lengths) if lengths else None
 
-    def member_device(self, i: int) -> torch.device:
-        return next(self.members[i].parameters()).device
-
-    def _split_head(self, i: int) -> bool:
-        """Whether member ``i``'s decoder and LM head can run apart (see ``_SPLIT_SAFE``)."""
-        m = self.members[i]
-        return m.config.model_type in _SPLIT_SAFE and getattr(m, "base_model", m) is not m
-
-    def run_member(
-        self,
-        i: int,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Any = None,
-        logits_positions: slice | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """One member forward: (final hidden [B, L, H], fp32 logits [B, L', V] for ``logits_positions``, cache)."""
-        model = self.members[i]
-        dev = self.member_device(i)
-        kw = {
-            "input_ids": input_ids.to(dev),
-            "attention_mask": attention_mask.to(dev),
-            "position_ids": position_ids.to(dev),
-            "use_cache": cache is not None,
-        }
-        if cache is not None:
-            kw[self._cache_kwarg[i]] = cache
-        sl = logits_positions if logits_positions is not None else slice(None)
-        with torch.no_grad():
-            if self._split_head(i):
-                out = model.base_model(**kw)
-                hidden = out.last_hidden_state
-                logits = model.get_output_embeddings()(hidden[:, sl])
-            else:
-                out = model(**kw, output_hidden_states=True)
-                hidden = out.hidden_states[-1]
-                logits = out.logits[:, sl]
-        logits = logits[..., : self.vocab_size].float().to(self.device)
-        return hidden.detach().to(self.device), logits, cache
-
-    def member_outputs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        logits_positions: slice | None = None,
-    ) -> MemberOutputs:
-        """Run every frozen member over a (left- or right-padded) batch."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden, logits = [], []
-        for i in range(len(self.members)):
-            h, lg, _ = self.run_member(i, input_ids, attention_mask, position_ids, None, logits_positions)
-            hidden.append(h)
-            logits.append(lg)
-        return MemberOutputs(hidden, logits)
-
-    def gold_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Every member's final hidden states ``[B, L, H_m]``, its log-prob of the gold next token ``[B, L, M]``
-        (0 where there is none) and where there is one, ``mask`` ``[B, L]``; see :meth:`member_features`."""
-        hidden, gold, _, mask = self.member_features(input_ids, attention_mask, labels)
-        return hidden, gold, mask
-
-    def member_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`gold_logprobs` plus the router statistics ``[B, L, F]`` (0 where masked): each member's
-        record on the text before (:class:`~salm.confidence.History`), then the confidence statistics.
-
-        ``labels`` follow Hugging Face's convention (aligned with ``input_ids``, -100 = ignored; position t
-        carries log p_m(labels[t + 1])). Every real position goes through the LM heads once, in chunks of
-        positions holding every member's logits at once (the statistics compare members), so no
-        ``[B, L, V]`` logits are materialised for members whose head runs apart (all common decoders): each
-        chunk gives every member's log-prob of the next token (the record) and, at labelled positions, of the
-        gold token and the statistics.
-        """
-        labels, ids = labels.to(self.device), input_ids.to(self.device)
-        nxt = torch.full_like(labels, -100)
-        nxt[:, :-1] = labels[:, 1:]
-        mask = nxt != -100
-        seen = read_mask(attention_mask.to(self.device))  # token t has a log-prob given those before it
-        after = torch.zeros_like(seen)
-        after[:, :-1] = seen[:, 1:]  # position t predicts a real token t + 1
-        rows_mask = mask | after
-        following = torch.zeros_like(ids)
-        following[:, :-1] = ids[:, 1:]
-        following, targets, labelled = following[rows_mask], nxt[rows_mask], mask[rows_mask]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        M = len(self.members)
-        hidden, sources = [], []
-        for i, member in enumerate(self.members):
-            split = self._split_head(i)
-            h, logits, _ = self.run_member(
-                i, input_ids, attention_mask, position_ids, None, slice(0, 0) if split else None
-            )
-            hidden.append(h)
-            sources.append((h[rows_mask], member.get_output_embeddings()) if split else (logits[rows_mask], None))
-        n = int(rows_mask.sum())
-        rows = max(1, _LOGIT_ELEMENTS // (self.vocab_size * M))
-        next_parts, gold_parts, stat_parts = [], [], []
-        with torch.no_grad():
-            for s in range(0, n, rows):
-                chunk = []
-                for i, (x, head) in enumerate(sources):
-                    if head is None:
-                        lg = x[s : s + rows]
-                    else:
-                        lg = head(x[s : s + rows].to(self.member_device(i)))[..., : self.vocab_size].float()
-                    chunk.append(lg.to(self.device))
-                lg = torch.stack(chunk, dim=1)  # [rows, M, V]
-                lse = lg.logsumexp(-1)
-                t = following[s : s + rows]
-                next_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lse)
-                sel = labelled[s : s + rows]
-                lg, lse, t = lg[sel], lse[sel], targets[s : s + rows][sel]
-                gold_parts.append(lg.gather(-1, t[:, None, None].expand(-1, M, 1)).squeeze(-1) - lse)
-                stat_parts.append(confidence_stats(lg))
-        gold = torch.zeros(*mask.shape, M, device=self.device)
-        stats = torch.zeros(*mask.shape, stored_dim(M), device=self.device)
-        if int(mask.sum()):
-            predicted = torch.zeros(*mask.shape, M, device=self.device)  # position t: log p_m(token t + 1)
-            predicted[rows_mask] = torch.cat(next_parts)
-            read = torch.zeros_like(predicted)  # position t: log p_m(token t), what the record reads
-            read[:, 1:] = predicted[:, :-1]
-            history = history_over(read, seen)  # [B, L, 2M]: the record after reading token t
-            gold[mask] = torch.cat(gold_parts).float()
-            stats[mask] = torch.cat([history[mask], torch.cat(stat_parts)], -1)
-        return hidden, gold, stats, mask
-
     # ------------------------------------------------------------------ heads
     def router_logits(self, hidden_states: Sequence[torch.Tensor], stats: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-member hidden states [..., H_m] (+ confidence statistics [..., F]) -> routing scores [..., M].
+        """Per-member hidden states [..., H_m] (+ router inputs [..., F]) -> routing scores [..., M], by the router.
 
-        ``stats`` (from :meth:`confidence_features`, or the feature cache's wider rows: history, then the
-        confidence statistics) is required by the ``confidence``, ``joint`` and ``aware`` routers and ignored by
-        ``seed`` heads; each router reads its last :attr:`stats_width` columns.
+        ``stats`` (from :meth:`confidence_features`, or the feature cache's stored rows: history, then the
+        confidence statistics) is required by routers that read inputs and ignored by the seed's heads.
         """
         hs = [h.to(self.device).detach() for h in hidden_states]
-        if self.router != "seed":
-            if stats is None:
-                raise ValueError(f"the {self.router!r} router needs the members' confidence statistics (stats=)")
-            if stats.shape[-1] < self.stats_width:
-                raise ValueError(
-                    f"the {self.router!r} router reads {self.stats_width} statistics per position, "
-                    f"got {stats.shape[-1]}"
-                )
-            stats = stats[..., -self.stats_width :].to(self.device).detach()
-        if self.router == "joint":
-            return self.joint_router(
-                [self.projection_heads[mid](h) for mid, h in zip(self.model_ids, hs)], stats
-            ).float()
-        scores = [self.projection_heads[mid](h, stats) for mid, h in zip(self.model_ids, hs)]
-        return torch.stack(scores, dim=-1).float()
+        if stats is not None:
+            stats = stats.to(self.device).detach()
+        return self.router_module(hs, stats)
+
+    def check_routing(self, probs: torch.Tensor, where: str = "") -> None:
+        """Raise :class:`RoutingError` if routing probabilities (or logits) hold NaN or infinity.
+
+        Finite but huge head weights (a corrupt or adversarial file passes the load check) overflow inside the
+        heads; a NaN routing silently picks member 0 (argmax) or emits nothing (mixture). Never answer on it.
+        """
+        if bool(torch.isfinite(probs).all()):
+            return
+        source = self.__dict__.get("weights_source")
+        big = max(self.state_dict().items(), key=lambda kv: float(kv[1].abs().max()) if kv[1].numel() else 0.0)
+        raise RoutingError(
+            f"the routing heads produced non-finite routing probabilities{where}: the head weights "
+            f"({source or 'untrained, in memory'}) overflow (largest |value| {float(big[1].abs().max()):.3g} "
+            f"in {big[0]}); use other weights or retrain the heads"
+        )
 
     def get_model_probs(self, all_raw_scores: torch.Tensor) -> torch.Tensor:
         """The seed's name: routing probabilities, the softmax of the router logits over members."""
@@ -465,7 +282,7 @@ class MultiModelWithScalarHeads(nn.Module):
             stacked = torch.stack(mo.logits, dim=2)  # [B, L, M, V]
             logprobs = F.log_softmax(stacked, dim=-1)
             history = None
-            if self.uses_history:
+            if self.router_module.reads_history:
                 ids = input_ids.to(self.device)
                 read = torch.zeros(*ids.shape, len(self.members), device=self.device)
                 nxt = ids[:, 1:, None, None].expand(-1, -1, read.shape[-1], 1)
@@ -476,12 +293,13 @@ class MultiModelWithScalarHeads(nn.Module):
                 hidden_states=mo.hidden_states if return_hidden_states else None,
             )
             out.logprobs = logprobs
-            return out
-        hidden, gold, stats, mask = self.member_features(input_ids, attention_mask, labels)
-        out = EnsembleOutput(
-            router_logits=self.router_logits(hidden, stats), hidden_states=hidden if return_hidden_states else None
-        )
-        out.gold_logprobs, out.loss_mask = gold, mask
+        else:
+            hidden, gold, stats, mask = self.member_features(input_ids, attention_mask, labels)
+            out = EnsembleOutput(
+                router_logits=self.router_logits(hidden, stats), hidden_states=hidden if return_hidden_states else None
+            )
+            out.gold_logprobs, out.loss_mask = gold, mask
+        self.check_routing(out.router_logits[attention_mask.to(self.device).bool()])
         return out
 
     # ------------------------------------------------------------------ generation
@@ -608,7 +426,7 @@ class MultiModelWithScalarHeads(nn.Module):
         if config is not None:
             kwargs.setdefault("head_config", config_heads(config))
         else:
-            state = _canonical_state(state, resolve_models(base_models))
+            state = canonical_state(state, resolve_models(base_models))
             kwargs.setdefault("head_config", heads_of_state(state))
         model = cls(base_models, **kwargs)
         model.load_heads(state, source=str(weights_path))
@@ -617,25 +435,8 @@ class MultiModelWithScalarHeads(nn.Module):
 
     def load_heads(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Load head weights strictly: any missing, unexpected or mis-shaped tensor is an error."""
-        state = _canonical_state(state, self.infos)
-        own = self.state_dict()
-        problems = []
-        file_ids = sorted({k.split(".")[1] for k in state if k.startswith("projection_heads.")})
-        missing_ids = [i for i in self.model_ids if i not in file_ids]
-        extra_ids = [i for i in file_ids if i not in self.model_ids]
-        if missing_ids:
-            problems.append(f"no heads for members {missing_ids}")
-        if extra_ids:
-            problems.append(f"heads for members not in this ensemble {extra_ids}")
-        for k, v in state.items():
-            if k in own and own[k].shape != v.shape:
-                problems.append(f"{k}: shape {tuple(v.shape)} in the file, {tuple(own[k].shape)} expected")
-        missing = [k for k in own if k not in state and k.split(".")[1] not in missing_ids]
-        unexpected = [k for k in state if k not in own and k.split(".")[1] not in extra_ids]
-        if missing:
-            problems.append(f"missing tensors {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-        if unexpected:
-            problems.append(f"unexpected tensors {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
+        state = canonical_state(state, self.infos)
+        problems = head_state_problems(state, self.state_dict(), self.model_ids)
         if problems:
             raise WeightsError(f"head weights in {source} do not fit members {self.model_ids}: " + "; ".join(problems))
         bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -645,16 +446,15 @@ class MultiModelWithScalarHeads(nn.Module):
                 f"{bad[:4]}{' ...' if len(bad) > 4 else ''}; they come from a diverged run and cannot route"
             )
         self.load_state_dict(state, strict=True)
+        self.__dict__["weights_source"] = source
 
     def train(self, mode: bool = True):
         """Only heads ever train; members stay in eval mode (no dropout) whatever is asked."""
         super().train(mode)
+        self.router_module.training = mode  # its children are ours (build_router); its own flag follows them
         for m in self.members:
             m.eval()
         return self
-
-
-_JOINT_IN = "joint_router.stats_projection.weight"  # [head_hidden_dim, F]: tells a joint router's width
 
 
 def _with_overrides(config: HeadConfig, **fields: Any) -> HeadConfig:
@@ -663,150 +463,6 @@ def _with_overrides(config: HeadConfig, **fields: Any) -> HeadConfig:
         raise HeadConfigError(f"head_config must be a salm.heads.HeadConfig, got {type(config).__name__}")
     given = {k: v for k, v in fields.items() if v is not None}
     return dataclasses.replace(config, **given) if given else config
-
-
-def router_of_state(state: dict[str, torch.Tensor]) -> str:
-    """The router variant a state dict holds (for weights saved without a config, e.g. ``.pt`` files)."""
-    if any(k.startswith("joint_router.") for k in state):
-        return "joint"
-    heads = [v.shape[-1] for k, v in state.items() if k.endswith(".stats_projection.weight")]
-    if not heads:
-        return "seed"
-    # one stats_projection per member (ids may hold dots); aware heads read the history (2M floats) before
-    # the M*M + 3M + 1 statistics: M*M + 5M + 1 in all
-    M = len(heads)
-    return "aware" if set(heads) == {stats_dim(M) + history_dim(M)} else "confidence"
-
-
-def heads_of_state(state: dict[str, torch.Tensor]) -> HeadConfig:
-    """The HeadConfig that weights saved without a config (the seed's ``.pt``) were built with, from their tensors.
-
-    Router, norm (running statistics mean the seed's BatchNorm) and width are in the tensors; dropout is
-    not (it has no weights), so it takes the default, which only matters if these heads are trained further.
-    """
-    fields: dict[str, Any] = {
-        "norm": "batch" if any("running_mean" in k for k in state) else "layer",
-        "router": router_of_state(state),
-    }
-    w0 = next((v for k, v in state.items() if k.endswith("non_linear_projection.0.weight") or k == _JOINT_IN), None)
-    if w0 is not None:
-        fields["hidden_dim"] = w0.shape[0]
-    return HeadConfig(**fields)
-
-
-def _canonical_state(state: dict[str, torch.Tensor], infos: Sequence[ModelInfo]) -> dict[str, torch.Tensor]:
-    """Rename aliased member ids (the seed's ``quen-25-15b-med``) to the canonical ids; unknown ids stay
-    (:meth:`MultiModelWithScalarHeads.load_heads` lists them)."""
-    out = {}
-    for k, v in state.items():
-        parts = k.split(".")
-        if len(parts) > 1 and parts[0] == "projection_heads":
-            parts[1] = resolve_member_id(parts[1], infos) or parts[1]
-        out[".".join(parts)] = v
-    return out
-
-
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state dict, saLM config or None) from a folder, a .safetensors file or a (seed) .pt file.
-
-    ``.pt`` files are untrusted input: they are read with ``weights_only=True`` (no pickled code runs).
-    """
-    from safetensors.torch import load_file
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise WeightsError(f"weights path {p} does not exist")
-    config = None
-    if p.is_dir():
-        if (p / CONFIG_NAME).is_file():
-            config = read_config(p / CONFIG_NAME)
-        if (p / WEIGHTS_NAME).is_file():
-            if config is None:  # never guess the members of a saLM folder (the hub trio would load silently)
-                raise WeightsError(
-                    f"weights folder {p} holds {WEIGHTS_NAME} but no {CONFIG_NAME}: an incomplete save (a run "
-                    "killed while writing it?); use another checkpoint, or pass the .safetensors file with --models"
-                )
-            p = p / WEIGHTS_NAME
-        elif (p / SEED_WEIGHTS_NAME).is_file():
-            p = p / SEED_WEIGHTS_NAME
-        else:
-            raise WeightsError(f"weights folder {p} holds neither {WEIGHTS_NAME} nor {SEED_WEIGHTS_NAME}")
-    elif p.suffix == ".safetensors" and (p.parent / CONFIG_NAME).is_file():
-        config = read_config(p.parent / CONFIG_NAME)
-    try:
-        if p.suffix == ".safetensors":
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"could not read head weights from {p}: {e}") from e
-    if isinstance(state, dict) and "heads" in state and isinstance(state["heads"], dict):
-        state = state["heads"]  # a training checkpoint
-    if isinstance(state, dict) and "model_state_dict" in state:
-        state = state["model_state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{p} does not hold a state dict of tensors")
-    return state, config
-
-
-_MEMBER_FIELDS = {"id", "name", "path", "parameters", "task", "revision", "device"}
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """A ``salm_config.json``, checked enough that using it cannot fail with a raw traceback."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise WeightsError(f"cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("members"), list) or not config["members"]:
-        raise WeightsError(f"{path} is not a saLM config: it needs a non-empty 'members' list")
-    for i, m in enumerate(config["members"]):
-        if not isinstance(m, dict) or not {"id", "path"} <= set(m):
-            raise WeightsError(f"{path}: member #{i + 1} needs at least 'id' and 'path'")
-        unknown = set(m) - _MEMBER_FIELDS - {"hidden_size"}
-        if unknown:
-            raise WeightsError(
-                f"{path}: member {m['id']!r} has unknown fields {sorted(unknown)} (known: {sorted(_MEMBER_FIELDS)})"
-            )
-    try:
-        config_heads(config)
-    except HeadConfigError as e:
-        raise WeightsError(f"{path}: {e}") from None
-    return config
-
-
-# How folders saved before HeadConfig existed (flat keys) named its fields. ``router`` was added
-# later than the others: a folder without it holds seed heads, whatever HeadConfig's default router is.
-_LEGACY_HEAD_KEYS = {
-    "head_hidden_dim": "hidden_dim",
-    "head_dropout": "dropout",
-    "head_norm": "norm",
-    "router": "router",
-}
-
-
-def config_heads(config: dict[str, Any]) -> HeadConfig:
-    """The :class:`HeadConfig` a saLM config holds: its ``"heads"`` object, or the flat keys of older folders."""
-    if "heads" in config:
-        legacy = sorted(k for k in _LEGACY_HEAD_KEYS if k in config)
-        if legacy:
-            raise HeadConfigError(f"the config has both a 'heads' object and the older flat keys {legacy}; keep one")
-        return HeadConfig.from_dict(config["heads"])
-    fields = {new: config[old] for old, new in _LEGACY_HEAD_KEYS.items() if old in config}
-    fields.setdefault("router", "seed")
-    return HeadConfig.from_dict(fields)
-
-
-def config_members(config: dict[str, Any]) -> list[ModelInfo]:
-    """The members a (checked) saLM config names."""
-    members = []
-    for m in config["members"]:
-        kw = {k: v for k, v in m.items() if k != "hidden_size"}
-        kw.setdefault("name", kw["id"])
-        members.append(ModelInfo(**kw))
-    return members
 
 
 def load_ensemble(

@@ -14,7 +14,7 @@ member gets a Hugging Face ``StaticCache`` of a fixed length and the step's inpu
   whose results are dropped. A new bucket pays one warm-up
   (compilation, and on CUDA the graph capture), timed and kept in :func:`warmup_report`.
 
-The step itself is :func:`salm.generation.ensemble_step` — the very function the dynamic path runs (every
+The step itself is :func:`salm.decode_step.ensemble_step` — the very function the dynamic path runs (every
 routed member's forward, their last-position logits and the heads) — compiled whole with
 ``torch.compile`` (``mode="reduce-overhead"`` on CUDA, i.e. CUDA graphs; the default mode elsewhere).
 The prefill runs eagerly (its shape changes with every prompt width). Where ``torch.compile`` is missing or
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from salm.decode_step import block_rows, ensemble_step
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def compile_available() -> str | None:
     return None
 
 
-def _caches(model, run: tuple[int, ...], batch: int, length: int) -> tuple[list[Any], list[tuple[int, int, int]]]:
+def _caches(model, run: tuple[int, ...], batch: int, length: int) -> tuple[list[Any], list[tuple[Any, int, int]]]:
     """Static caches for members ``run`` at (batch, length) and the keys taken (give them back with
     :func:`_release`). Kept caches are reused across calls and reset; one already in use by another
     decoding of this ensemble (another thread, a server) is never shared: that caller gets a private one."""
@@ -115,14 +117,15 @@ def _caches(model, run: tuple[int, ...], batch: int, length: int) -> tuple[list[
         if len(store) > 4 * len(model.members):  # several buckets seen: keep memory bounded, drop the older ones
             for key in [k for k in store if k not in in_use]:
                 del store[key]
-        for i in run:
-            key = (i, batch, length)
+        for group in model.run_groups(run):  # one cache per forward: members on one base share it
+            key = (group, batch, length)
+            config = model.members[group[0]].config
             if key in in_use:
-                out.append(StaticCache(config=model.members[i].config, max_cache_len=length))
+                out.append(StaticCache(config=config, max_cache_len=length))
                 continue
             cache = store.get(key)
             if cache is None:
-                cache = store[key] = StaticCache(config=model.members[i].config, max_cache_len=length)
+                cache = store[key] = StaticCache(config=config, max_cache_len=length)
             else:
                 cache.reset()
             in_use.add(key)
@@ -131,7 +134,7 @@ def _caches(model, run: tuple[int, ...], batch: int, length: int) -> tuple[list[
     return out, taken
 
 
-def _release(model, keys: list[tuple[int, int, int]]) -> None:
+def _release(model, keys: list[tuple[Any, int, int]]) -> None:
     state = _state(model)
     with state["lock"]:
         state["in_use"].difference_update(keys)
@@ -139,8 +142,6 @@ def _release(model, keys: list[tuple[int, int, int]]) -> None:
 
 def _compiled_step(model, run: tuple[int, ...], heads: bool):
     """``ensemble_step`` for members ``run`` compiled once per member set (shapes guard the recompiles)."""
-    from salm.generation import ensemble_step
-
     state = _state(model)
     key = (run, heads)
     fn = state["compiled"].get(key)
@@ -200,8 +201,6 @@ class StaticStepper:
 
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The left-padded prompt, eagerly (its width changes with every batch)."""
-        from salm.generation import ensemble_step
-
         ids = self._pad_rows(ids)
         pos = (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
         self._check_room(ids.shape[1])
@@ -217,8 +216,6 @@ class StaticStepper:
         batch bucket, they move (cache rows copied) into that bucket. Outputs keep the caller's ``rows``
         order; a finished row's outputs are those of a live row (the caller ignores them).
         """
-        from salm.generation import ensemble_step
-
         self._check_room(1)
         if self.history is not None:  # every slot's chosen token, under the logits it was chosen from
             self.history.observe(self.logits, self._pad_rows(token[self.live][:, None])[:, 0])
@@ -253,13 +250,14 @@ class StaticStepper:
         batch = batch_bucket(len(live), self.compile)
         sel = torch.tensor([where[r] for r in live] + [where[live[-1]]] * (batch - len(live)), device=self.pos.device)
         caches, keys = _caches(self.model, self.run, batch, self.length)
-        for old, new in zip(self.caches, caches):
+        for group, old, new in zip(self.model.run_groups(self.run), self.caches, caches):
+            rows = block_rows(sel, len(group), self.batch)
             for lo, ln in zip(old.layers, new.layers):
-                keys, values = lo.keys.index_select(0, sel), lo.values.index_select(0, sel)
+                k_rows, v_rows = lo.keys.index_select(0, rows), lo.values.index_select(0, rows)
                 if not ln.is_initialized:
-                    ln.lazy_initialization(keys, values)
-                ln.keys.copy_(keys)
-                ln.values.copy_(values)
+                    ln.lazy_initialization(k_rows, v_rows)
+                ln.keys.copy_(k_rows)
+                ln.values.copy_(v_rows)
                 ln.cumulative_length.copy_(lo.cumulative_length)
         _release(self.model, self._keys)
         self.caches, self._keys, self.batch = caches, keys, batch

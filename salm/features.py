@@ -191,26 +191,38 @@ def _sha256_file(path: Path) -> str:
 
 
 def member_fingerprint(info: Any) -> dict[str, Any]:
-    """What identifies a member's weights: id, path, revision, plus the files of a local folder.
+    """What identifies a member's weights: id, path, revision, plus the files of a local folder; for an
+    adapter member (:mod:`salm.adapters`) the same of its adapter, whose weights are small enough to hash whole.
 
     Local folders add the config's content hash and every weight file's size and mtime (hashing GBs of
     weights would cost as much as extraction); hub ids add the cached snapshot's commit when known.
     """
     fp: dict[str, Any] = {"id": info.id, "path": info.path, "revision": info.revision}
-    folder = Path(info.path).expanduser()
+    fp.update(_source_fingerprint(info.path, info.revision, "config.json", hash_weights=False))
+    if getattr(info, "adapter", None):
+        fp["adapter"] = {"path": info.adapter, "revision": info.adapter_revision}
+        fp["adapter"].update(_source_fingerprint(info.adapter, info.adapter_revision, "adapter_config.json", True))
+    return fp
+
+
+def _source_fingerprint(path: str, revision: str | None, config_name: str, hash_weights: bool) -> dict[str, Any]:
+    fp: dict[str, Any] = {}
+    folder = Path(path).expanduser()
     if folder.is_dir():
-        cfg = folder / "config.json"
+        cfg = folder / config_name
         fp["config_sha256"] = _sha256_file(cfg) if cfg.is_file() else None
-        fp["files"] = sorted(
-            [p.name, p.stat().st_size, p.stat().st_mtime_ns]
-            for p in folder.iterdir()
-            if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-        )
+        weights = [
+            p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+        ]
+        if hash_weights:
+            fp["files"] = sorted([p.name, _sha256_file(p)] for p in weights)
+        else:
+            fp["files"] = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights)
     else:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            cfg = try_to_load_from_cache(info.path, "config.json", revision=info.revision)
+            cfg = try_to_load_from_cache(path, config_name, revision=revision)
             if isinstance(cfg, str):
                 fp["snapshot"] = Path(cfg).parent.name
                 fp["config_sha256"] = _sha256_file(Path(cfg))

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from salm.confidence import History, read_mask
+from salm.decode_step import DynamicStepper
+from salm.fast_decode import StaticStepper
 from salm.heads import heads_in_eval_mode
 from salm.members import ModelInfo, resolve_member_id
 
@@ -331,85 +332,6 @@ def members_to_run(routing: Routing, n_members: int) -> tuple[int, ...]:
     return (routing.member,) if routing.mode == "member" else tuple(range(n_members))
 
 
-def ensemble_step(
-    model,
-    run: Sequence[int],
-    heads: bool,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    caches: Sequence[Any],
-    history: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Members ``run`` read ``input_ids`` -> (their last-position logits [B, R, V], routing probs [B, M] or None).
-
-    The one place where every running member's next-token scores exist at a step (per-member features
-    such as confidences hook in here). ``heads`` scores the members' final hidden states (all members
-    must run). The dynamic and the static paths both call this; the static path compiles it whole.
-
-    ``history`` is for routers that read the members' record on the text so far (``model.uses_history``):
-    a :class:`salm.confidence.History` -- reading more than one token (a prompt into empty caches, or the
-    uncached path's whole sequence) starts it over from every member's log-probs of those tokens; for one
-    token the caller has already observed it -- or a tensor of its features [B, 2M] (the compiled step,
-    whose inputs must be tensors).
-    """
-    prompt = heads and isinstance(history, History) and input_ids.shape[1] > 1
-    hidden, logits, read = [], [], []
-    for i, cache in zip(run, caches):
-        full = prompt and not model._split_head(i)  # a head that cannot run apart: its logits at every position
-        at = None if full else slice(-1, None)
-        h, lg, _ = model.run_member(i, input_ids, attention_mask, position_ids, cache, at)
-        if prompt:
-            read.append(model.token_logprobs(i, h, lg if full else None, input_ids))
-        hidden.append(h[:, -1])
-        logits.append(lg[:, -1])
-    stacked = torch.stack(logits, 1)  # [B, R, V]
-    probs = None
-    if heads:  # router input: hidden states + confidence statistics of these same logits (all members ran)
-        if prompt:
-            history.replay(torch.stack(read, -1), read_mask(attention_mask[:, : input_ids.shape[1]]))
-        feats = history.features() if isinstance(history, History) else history
-        with torch.no_grad():
-            probs = torch.softmax(model.router_logits(hidden, model.confidence_features(stacked, feats)), dim=-1)
-    return stacked, probs
-
-
-class _DynamicStepper:
-    """Growing caches (``DynamicCache``) and mask; with ``use_cache=False`` every step recomputes the whole
-    sequence (the reference both cached paths are tested against)."""
-
-    def __init__(self, model, run: tuple[int, ...], heads: bool, mask: torch.Tensor, use_cache: bool):
-        from transformers import DynamicCache
-
-        self.model, self.run, self.heads, self.mask = model, run, heads, mask
-        self.use_cache = use_cache
-        self.caches = [DynamicCache(config=model.members[i].config) if use_cache else None for i in run]
-        self.history = model.new_history(mask.shape[0]) if heads else None
-
-    def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.ids = ids
-        pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        return self._step(ids, pos)
-
-    def step(
-        self, token: torch.Tensor, finished: Sequence[bool] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        if self.use_cache:
-            if self.history is not None:
-                self.history.observe(self.logits, token)
-            feed_ids, feed_pos = token[:, None], self.mask.sum(-1, keepdim=True) - 1
-        else:  # the history starts over from the whole sequence too
-            self.ids = torch.cat([self.ids, token[:, None]], dim=1)
-            feed_ids, feed_pos = self.ids, (self.mask.cumsum(-1) - 1).clamp(min=0)
-        return self._step(feed_ids, feed_pos)
-
-    def _step(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self.logits, probs = ensemble_step(self.model, self.run, self.heads, ids, self.mask, pos, self.caches,
-                                           self.history)  # fmt: skip
-        return self.logits, probs
-
-
 def decode_steps(
     model,
     input_ids: torch.Tensor,
@@ -444,11 +366,9 @@ def decode_steps(
     run = members_to_run(routing, M)
     heads = routing.mode != "member"
     if use_cache and (compile or cache_implementation == "static"):
-        from salm.fast_decode import StaticStepper
-
         stepper: Any = StaticStepper(model, run, heads, mask, steps, compile)
     elif cache_implementation in ("dynamic", "static"):
-        stepper = _DynamicStepper(model, run, heads, mask, use_cache)
+        stepper = DynamicStepper(model, run, heads, mask, use_cache)
     else:
         raise GenerationError(f"cache_implementation must be 'dynamic' or 'static', got {cache_implementation!r}")
     local = Routing("member", member=0) if routing.mode == "member" else routing
@@ -456,6 +376,8 @@ def decode_steps(
     try:
         logits, probs = stepper.prefill(ids)
         for step in range(steps):
+            if probs is not None:  # never choose a token on NaN routing (finite weights can still overflow)
+                model.check_routing(probs, f" at generated token {step + 1}")
             if probs is None:  # member routing: the forced member carries all the weight
                 probs = torch.zeros(ids.shape[0], M, device=model.device)
                 probs[:, routing.member] = 1.0

@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelInfo:
-    """One member: the seed's fields, plus where it lives and on which device it runs."""
+    """One member: the seed's fields, plus where it lives, on which device it runs and, for a finetune held as a
+    PEFT adapter, the adapter applied to the model at ``path`` (members on one base share its weights:
+    :mod:`salm.adapters`)."""
 
     id: str
     name: str
@@ -37,6 +39,8 @@ class ModelInfo:
     task: str = ""
     revision: str | None = None
     device: str | None = None
+    adapter: str | None = None  # a PEFT LoRA adapter of the model at ``path`` (local folder or hub id)
+    adapter_revision: str | None = None
     aliases: tuple[str, ...] = field(default=(), repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,13 +123,11 @@ def load_member_set(path: str | os.PathLike) -> list[ModelInfo]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "id" not in entry or "path" not in entry:
             raise MemberError(f"member-set file {path}: member #{i + 1} needs at least 'id' and 'path'")
-        unknown = set(entry) - {"id", "name", "path", "parameters", "task", "revision", "device"}
+        unknown = set(entry) - MEMBER_FIELDS
         if unknown:
             raise MemberError(f"member-set file {path}: member {entry['id']!r} has unknown fields {sorted(unknown)}")
-        p = str(entry["path"])
-        local = (path.parent / p).expanduser()
-        if not Path(p).is_absolute() and (p.startswith(".") or local.exists()):
-            p = str(local.resolve())
+        p = _relative_to(path, str(entry["path"]))
+        adapter = _relative_to(path, str(entry["adapter"])) if entry.get("adapter") is not None else None
         members.append(
             ModelInfo(
                 id=str(entry["id"]),
@@ -135,10 +137,24 @@ def load_member_set(path: str | os.PathLike) -> list[ModelInfo]:
                 task=str(entry.get("task", "")),
                 revision=entry.get("revision"),
                 device=entry.get("device"),
+                adapter=adapter,
+                adapter_revision=entry.get("adapter_revision"),
             )
         )
     validate_member_set(members, source=str(path))
     return members
+
+
+MEMBER_FIELDS = {f for f in ModelInfo.__dataclass_fields__ if f != "aliases"}
+"""The fields a member-set entry (and a saved ``salm_config.json`` member) may have."""
+
+
+def _relative_to(member_set: Path, p: str) -> str:
+    """``p`` resolved against the member-set file's folder when it is a local relative path (``./x`` or existing)."""
+    local = (member_set.parent / p).expanduser()
+    if not Path(p).is_absolute() and (p.startswith(".") or local.exists()):
+        return str(local.resolve())
+    return p
 
 
 def write_member_set(path: str | os.PathLike, members: Sequence[ModelInfo], comment: str | None = None) -> Path:
@@ -345,6 +361,19 @@ def _resolve_path(info: ModelInfo) -> str:
     return info.path
 
 
+def resolve_adapter_path(info: ModelInfo) -> str:
+    """The folder or hub id to load ``info``'s adapter from (as :func:`_resolve_path` for the model)."""
+    if info.adapter is None:
+        raise MemberError(f"member {info.id!r} has no adapter")
+    if _is_local(info.adapter):
+        path = str(Path(info.adapter).expanduser())
+        if not Path(path).is_dir():
+            raise MemberError(f"member {info.id!r}: adapter {info.adapter} is not a readable folder")
+        return path
+    prepare_hub()
+    return info.adapter
+
+
 def _load_error(info: ModelInfo, what: str, e: Exception) -> MemberError:
     if not _is_local(info.path) and hub_offline() and isinstance(e, OSError):
         return MemberError(offline_advice(info))
@@ -381,6 +410,42 @@ def load_member_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def base_groups(infos: Sequence[ModelInfo], device: str | torch.device) -> list[list[int]]:
+    """Members that share one loaded model, as lists of indices in member order: those on the same base
+    (``path``, ``revision``, device) when any of them has an adapter; every other member alone."""
+    groups: dict[Any, list[int]] = {}
+    for i, m in enumerate(infos):
+        key = (m.path, m.revision, str(m.device or device))
+        groups.setdefault(key, []).append(i)
+    out: list[list[int]] = []
+    for members in groups.values():
+        if any(infos[i].adapter for i in members):
+            out.append(members)
+        else:
+            out += [[i] for i in members]
+    return sorted(out)
+
+
+def load_member_models(
+    infos: Sequence[ModelInfo], device: str | torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> list[Any]:
+    """One frozen model per member, in order; members on one base (:func:`base_groups`) get the same object,
+    loaded once, with their LoRA adapters injected (:func:`salm.adapters.load_adapters`)."""
+    models: list[Any] = [None] * len(infos)
+    for group in base_groups(infos, device):
+        first = infos[group[0]]
+        model = load_member_model(first, first.device or device, dtype, trust_remote_code)
+        adapted = [infos[i] for i in group if infos[i].adapter]
+        if adapted:
+            from salm.adapters import load_adapters
+
+            model.salm_lora = load_adapters(model, adapted, trust_remote_code)
+            model.eval()
+        for i in group:
+            models[i] = model
+    return models
 
 
 def check_tokenizers(tokenizers: Sequence[Any], models: Sequence[ModelInfo]) -> None:

@@ -94,3 +94,30 @@ def build_tiny_members(
         path = build_member(Path(root) / mid, tokenizer, seed=i, arch=arch, hidden_size=h, **kwargs)
         infos.append(ModelInfo(mid, f"Tiny member {i}", str(path), "tiny", "test"))
     return infos
+
+
+def build_lora_adapter(
+    base: str | Path,
+    out_dir: str | Path,
+    seed: int,
+    r: int = 4,
+    target_modules: Sequence[str] = ("q_proj", "v_proj", "down_proj"),
+    scale: float = 0.5,
+    **lora_kwargs,
+) -> Path:
+    """Save a PEFT LoRA adapter of the model at ``base`` with random (non-zero) B matrices, as PEFT users save
+    their finetunes (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules), lora_dropout=0.0, **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, scale)
+    out = Path(out_dir)
+    peft_model.save_pretrained(out)
+    return out

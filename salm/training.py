@@ -55,7 +55,7 @@ from salm.features import (
     load_or_build,
     tokenize_examples,
 )
-from salm.heads import ROUTERS, HeadConfig, HeadConfigError
+from salm.heads import HeadConfig, HeadConfigError
 from salm.io import (
     CACHE_ENV,
     atomic_write,
@@ -67,6 +67,7 @@ from salm.io import (
 )
 from salm.loss import LossConfig, LossOutput
 from salm.plotting import figure, save_png
+from salm.routers import router_names
 
 DEFAULT_DATASETS = ["cola13/gsm8k_formatted", "cola13/medqa_formatted", "cola13/boolq_formatted"]
 CHECKPOINT = "checkpoint_last.pt"
@@ -165,8 +166,8 @@ def _head_flag_problem(values: dict[str, Any]) -> str | None:
         return f"--head_dropout must be in [0, 1), got {p}"
     if h < 2:  # the second layer has head_hidden_dim // 2 units: 0 cannot read the input
         return f"--head_hidden_dim must be >= 2, got {h}"
-    if r not in ROUTERS:
-        return f"--router must be one of {', '.join(ROUTERS)}, got {r!r}"
+    if r not in router_names():
+        return f"--router must be one of {', '.join(router_names())}, got {r!r}"
     return None
 
 
@@ -292,21 +293,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------- pieces
-class _Router(nn.Module):
-    """The heads as one module (what DDP wraps); the members stay outside it, as in the ensemble."""
-
-    def __init__(self, model: Any):
-        super().__init__()
-        self.projection_heads = model.projection_heads
-        self.__dict__["ensemble"] = model
-
-        if model.joint_router is not None:
-            self.joint_router = model.joint_router
-
-    def forward(self, hidden: list[torch.Tensor], stats: torch.Tensor) -> torch.Tensor:
-        return self.ensemble.router_logits(hidden, stats)
-
-
 def _distributed(device: str | None) -> tuple[Dist, torch.device | None]:
     """Rank and world under ``accelerate launch`` (or torchrun); accelerate is only imported when several run.
 
@@ -776,7 +762,7 @@ def optimise(run: _Run, model: Any, feats: _Features, reporter: _Reporter, stop_
     cfg, dist, out = run.cfg, run.dist, run.out
     torch.manual_seed(cfg.optim.seed)
     _reset_heads(model, cfg)
-    router: nn.Module = _Router(model)
+    router: nn.Module = model.router_module  # the heads as one module (what DDP wraps); members stay outside
     device = model.device
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -26,9 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
     g.add_argument("--entropy_weight", type=float, default=d.entropy_weight)
     g.add_argument("--loss_on", choices=["answer", "all"], default=d.loss_on)
-    from salm.heads import ROUTERS
+    from salm.routers import router_names
 
-    g.add_argument("--router", choices=list(ROUTERS), default=None, help="default: salm train's default router")
+    g.add_argument("--router", choices=list(router_names()), default=None, help="default: salm train's default router")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--routing", default=d.routing, help="argmax | mixture | threshold:<p>")
     g.add_argument("--arithmetic_problems", type=int, default=None, help="default: the whole math test split")

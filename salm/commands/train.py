@@ -11,8 +11,8 @@ from salm.commands import common
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags with its defaults, plus the data, cache and logging options; defaults are TrainConfig's."""
-    from salm.heads import ROUTERS
     from salm.io import CACHE_ENV
+    from salm.routers import router_names
     from salm.training import CHECKPOINT, DEFAULT_DATASETS, TrainConfig
 
     d = TrainConfig()
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head_hidden_dim", type=int, default=d.heads.hidden_dim)
     parser.add_argument("--head_dropout", type=float, default=d.heads.dropout)
     parser.add_argument(
-        "--router", choices=list(ROUTERS), default=d.heads.router,
+        "--router", choices=list(router_names()), default=d.heads.router,
         help="seed: heads on each member's hidden state; confidence: + every member's next-token statistics; "
         "joint: one router over all members' hidden states and statistics; aware: confidence + each member's "
         "record on the text so far",

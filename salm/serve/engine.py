@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from salm.decode_step import block_rows, ensemble_step, join_blocks
 from salm.generation import (
     DecodeConfig,
     GenerationError,
@@ -35,7 +36,6 @@ from salm.generation import (
     _decision,
     _stop_index,
     choose_tokens,
-    ensemble_step,
     parse_routing,
 )
 
@@ -147,12 +147,14 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model = model.eval()
         self.max_batch, self.max_queue = max_batch, max_queue
+        # One cache per forward: members on one base (LoRA adapters) run together, a block of rows each.
+        self._groups = model.run_groups(range(len(model.members)))
         tok = model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(model.eos_token_ids), 0)
         self._ids = itertools.count(1)
         self._waiting: deque[_Request] = deque()
         self._active: list[_Request] = []
-        self._caches: list[Any] = []  # per member: a DynamicCache over the active rows
+        self._caches: list[Any] = []  # per forward (self._groups): a DynamicCache over the active rows
         self._mask: torch.Tensor | None = None  # [B, W] 1 where a cached position is real
         self._last: torch.Tensor | None = None  # [B] the token each row feeds next
         self._history: Any = None  # the rows' History (routers that read one), in row order
@@ -265,11 +267,13 @@ class Engine:
         """Every member over the fed tokens -> (logits [B, M, V] at the last position, routing probs [B, M]).
 
         All members run whatever each row's routing: rows of different routings share the batch. The step is
-        generation's own (:func:`salm.generation.ensemble_step`), so the router sees exactly what it sees there
+        generation's own (:func:`salm.decode_step.ensemble_step`), so the router sees exactly what it sees there
         (``history``: the rows' record on their text so far, for routers that read one, else None).
         """
         members = tuple(range(len(self.model.members)))
-        return ensemble_step(self.model, members, True, ids, mask, pos, caches, history)
+        logits, probs = ensemble_step(self.model, members, True, ids, mask, pos, caches, history)
+        self.model.check_routing(probs)  # never answer on NaN routing: the running requests fail, naming the weights
+        return logits, probs
 
     def _admit(self, joining: list[_Request]) -> None:
         """Prefill the requests that arrived since the last step together (left-padded, as ``generate``
@@ -292,7 +296,7 @@ class Engine:
             ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long, device=device)
             mask[row, width - len(r.prompt_ids) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        caches = [DynamicCache(config=m.config) for m in self.model.members]
+        caches = [DynamicCache(config=self.model.members[g[0]].config) for g in self._groups]
         history = self.model.new_history(len(reqs))
         try:
             logits, probs = self._forward(ids, mask, pos, caches, history)
@@ -312,10 +316,7 @@ class Engine:
         idx = torch.tensor(keep, dtype=torch.long, device=device)
         if len(keep) < len(reqs):
             mask = mask[idx]
-            for cache in caches:
-                for layer in _layers(cache):
-                    layer.keys = layer.keys[idx.to(layer.keys.device)]
-                    layer.values = layer.values[idx.to(layer.values.device)]
+            self._select_rows(caches, idx, len(reqs))
         last = torch.tensor(last, dtype=torch.long, device=device)
         if history is not None:
             history.select(idx)
@@ -332,10 +333,10 @@ class Engine:
         if history is not None:
             self._history.extend(history)
         width = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._caches, caches):
+        for group, old, new in zip(self._groups, self._caches, caches):
             for lo, ln in zip(_layers(old), _layers(new)):
-                lo.keys = torch.cat([_pad_left(lo.keys, width), _pad_left(ln.keys, width)], 0)
-                lo.values = torch.cat([_pad_left(lo.values, width), _pad_left(ln.values, width)], 0)
+                lo.keys = join_blocks(_pad_left(lo.keys, width), _pad_left(ln.keys, width), len(group))
+                lo.values = join_blocks(_pad_left(lo.values, width), _pad_left(ln.values, width), len(group))
         self._mask = torch.cat([_pad_left(self._mask, width, dim=1), _pad_left(mask, width, dim=1)], 0)
         self._last = torch.cat([self._last, last])
         self._trim()
@@ -377,14 +378,19 @@ class Engine:
             self._caches, self._mask, self._history = [], None, None
             return
         idx = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        self._select_rows(self._caches, idx, self._mask.shape[0])
         self._mask = self._mask[idx]
         if self._history is not None:
             self._history.select(idx)
-        for cache in self._caches:
-            for layer in _layers(cache):
-                layer.keys = layer.keys[idx.to(layer.keys.device)]
-                layer.values = layer.values[idx.to(layer.values.device)]
         self._trim()
+
+    def _select_rows(self, caches: list[Any], idx: torch.Tensor, rows: int) -> None:
+        """Keep rows ``idx`` of ``rows`` in every cache (members on one base hold a block of rows each)."""
+        for group, cache in zip(self._groups, caches):
+            index = block_rows(idx, len(group), rows)
+            for layer in _layers(cache):
+                layer.keys = layer.keys[index.to(layer.keys.device)]
+                layer.values = layer.values[index.to(layer.values.device)]
 
     def _trim(self) -> None:
         """Drop leading columns that are padding in every row (they only cost attention time)."""
