@@ -4,6 +4,7 @@ with, naming the last good checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -13,10 +14,20 @@ import torch
 
 from salm.features import Dist
 from salm.io import atomic_write
-from salm.training.config import CHECKPOINT, RESUME_DEFAULTS, RESUME_KEYS, TrainConfig, TrainingError
+from salm.training.config import (
+    CHECKPOINT,
+    RESUME_DEFAULTS,
+    RESUME_KEYS,
+    OptimConfig,
+    TrainConfig,
+    TrainingError,
+)
 from salm.training.state import LoopState, Run, SplitFeatures
 
 CHECKPOINT_FORMAT = 1
+# salm train's defaults before the warm-up became a share of the run: a run resumed with today's defaults from a
+# checkpoint trained with these continues with them, so a run saved before the change resumes as it was.
+SEED_OPTIM_DEFAULTS = {"learning_rate": 1e-4, "warmup_steps": 50}
 _CHECKPOINT_KEYS = ("heads", "optimizer", "scheduler", "rng", "epoch", "global_step", "num_epochs", "best_val_nll",
                     "best_epoch", "resume_view")  # fmt: skip
 
@@ -79,6 +90,8 @@ def resume_view(cfg: TrainConfig, model: Any, feats: SplitFeatures, dist: Dist) 
     """What a checkpoint must share with the run resuming it: the resume keys, members, data, processes."""
     settings = cfg.settings()
     view = {k: settings[k] for k in RESUME_KEYS}
+    if view["warmup_steps"] is not None:  # the ratio is unused: runs differing only in it are the same run
+        view["warmup_ratio"] = None
     view.update(member_ids=list(model.model_ids), train_sha256=feats.train_tok.content_hash(), world=dist.world)
     return view
 
@@ -92,15 +105,33 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None
         )
 
 
+def read_for_resume(run: Run) -> dict[str, Any] | None:
+    """With ``--resume`` and a checkpoint: the checkpoint, read before the members load (a bad file fails at
+    once). A run trained with the seed's optimisation defaults and resumed with today's continues with its own
+    (``run.cfg`` changes); every other setting is checked once the members and data are known."""
+    path = run.out / CHECKPOINT
+    if not (run.cfg.resume and path.is_file()):
+        return None
+    ck = load_checkpoint(path)
+    saved, optim, today = {**RESUME_DEFAULTS, **ck["resume_view"]}, run.cfg.optim, OptimConfig()
+    at_defaults = all(getattr(optim, k) == getattr(today, k) for k in (*SEED_OPTIM_DEFAULTS, "warmup_ratio"))
+    if at_defaults and saved["warmup_ratio"] is None and all(saved[k] == v for k, v in SEED_OPTIM_DEFAULTS.items()):
+        run.cfg = dataclasses.replace(run.cfg, optim=dataclasses.replace(optim, **SEED_OPTIM_DEFAULTS))
+        if run.main:
+            flags = " ".join(f"--{k} {v:g}" for k, v in SEED_OPTIM_DEFAULTS.items())
+            print(f"resuming a run trained with the seed's defaults: it continues with {flags}", file=sys.stderr)
+    return ck
+
+
 def resume_or_start(
-    run: Run, model: Any, optimizer: Any, scheduler: Any, view: dict[str, Any], loop: LoopState
+    run: Run, model: Any, optimizer: Any, scheduler: Any, view: dict[str, Any], loop: LoopState, ck: dict | None
 ) -> None:
-    """With ``--resume`` and a checkpoint: heads, optimizer, schedule, RNG and counters from it (after checking
-    it was written with the same settings). Otherwise a fresh run, discarding a previous run's checkpoint."""
+    """With the checkpoint ``--resume`` read: heads, optimizer, schedule, RNG and counters from it (after
+    checking it was written with the same settings). Otherwise a fresh run, discarding a previous run's
+    checkpoint."""
     cfg, main, out = run.cfg, run.main, run.out
     ckpt_path = out / CHECKPOINT
-    if cfg.resume and ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path)
+    if ck is not None:
         check_resume(ck["resume_view"], view, ckpt_path)
         if ck["num_epochs"] != cfg.optim.num_epochs:
             warnings.warn(

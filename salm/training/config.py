@@ -68,31 +68,91 @@ class DataConfig:
         return [msg for ok, msg in checks if not ok]
 
 
+SEED_MAX = 2**63  # seeds are 0 <= seed < 2**63: torch takes 64-bit seeds, and each epoch draws with seed + epoch
+
+
 @dataclass
 class OptimConfig:
-    """How the heads are optimised: AdamW with linear warm-up and decay, one seed for every random draw."""
+    """How the heads are optimised: AdamW with linear warm-up and decay, one seed for every random draw.
+
+    The warm-up is ``warmup_ratio`` of the run's optimizer steps (Hugging Face's convention) unless
+    ``warmup_steps`` is given, which then means what the seed's flag meant: that many steps, whatever the
+    run's length. A fixed 50 steps (the seed's default) was most of a small run: 54 training rows at batch 4
+    for 5 epochs are 70 steps.
+    """
 
     num_epochs: int = 5
     batch_size: int = 4  # examples per optimizer step (per process)
-    learning_rate: float = 1e-4
-    warmup_steps: int = 50
+    learning_rate: float = 1e-3  # the seed's 1e-4 barely moves the heads in a small run (README "Training")
+    warmup_steps: int | None = None  # None: warmup_ratio of the run
+    warmup_ratio: float = 0.1  # share of the run's steps spent warming up when warmup_steps is None
     seed: int = 42  # head initialisation, per-epoch shuffling, dropout
     log_every_n_steps: int = 5
 
     def problems(self) -> list[str]:
         for name in ("num_epochs", "batch_size", "warmup_steps", "seed", "log_every_n_steps"):
-            if not _is_int(getattr(self, name)):
-                return [f"--{name} must be an integer, got {getattr(self, name)!r}"]
-        if not _is_finite(self.learning_rate):
-            return [f"--learning_rate must be a finite number, got {self.learning_rate!r}"]
+            value = getattr(self, name)
+            if not _is_int(value) and not (name == "warmup_steps" and value is None):
+                return [f"--{name} must be an integer, got {value!r}"]
+        for name in ("learning_rate", "warmup_ratio"):
+            if not _is_finite(getattr(self, name)):
+                return [f"--{name} must be a finite number, got {getattr(self, name)!r}"]
+        w = self.warmup_steps
         checks = [
             (self.num_epochs >= 1, f"--num_epochs must be >= 1, got {self.num_epochs}"),
             (self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}"),
             (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
-            (self.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (w is None or w >= 0, f"--warmup_steps must be >= 0, got {w}"),
+            (0.0 <= self.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (0 <= self.seed < SEED_MAX, f"--seed must be in [0, 2**63), got {self.seed}"),
             (self.log_every_n_steps >= 1, f"--log_every_n_steps must be >= 1, got {self.log_every_n_steps}"),
         ]
         return [msg for ok, msg in checks if not ok]
+
+    def schedule(self, n_train: int, world: int = 1) -> Schedule:
+        """The optimizer steps of a run on ``n_train`` examples over ``world`` processes, and its warm-up."""
+        per_epoch = math.ceil(n_train / (self.batch_size * world))
+        total = per_epoch * self.num_epochs
+        warmup = self.warmup_steps if self.warmup_steps is not None else math.ceil(total * self.warmup_ratio)
+        return Schedule(per_epoch, total, warmup, self.learning_rate)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's optimizer steps and its linear warm-up/decay learning-rate schedule."""
+
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    peak_lr: float
+
+    def lr_sum(self) -> float:
+        """The sum of the learning rate over the run's steps: with Adam each step moves a weight by about the
+        step's learning rate, so this bounds how far any weight of the heads can move in the whole run."""
+        return sum(self.peak_lr * _linear_warmup_decay(step, self.warmup, self.total) for step in range(self.total))
+
+    def too_short(self) -> str | None:
+        """One line naming the flags to raise when the run cannot move the heads far, else None."""
+        budget = self.lr_sum()
+        if budget >= MIN_LR_SUM:
+            return None
+        return (
+            f"this run is too short to train the heads: {self.total} optimizer steps ({self.steps_per_epoch} per "
+            f"epoch, {self.warmup} of warm-up) at a peak learning rate of {self.peak_lr:g} let a weight move at most "
+            f"{budget:.3g} in all (below {MIN_LR_SUM:g}); raise --learning_rate or --num_epochs (or lower --batch_size)"
+        )
+
+
+# A run whose learning rates sum below this leaves the heads near their random initialisation. Measured
+# (benchmarks/training_defaults.py, README "Training the heads"): ...
+MIN_LR_SUM = 0.02
+
+
+def _linear_warmup_decay(step: int, warmup: int, total: int) -> float:
+    """transformers' get_linear_schedule_with_warmup, as a multiplier of the peak learning rate at ``step``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 def _training_heads() -> HeadConfig:
@@ -215,4 +275,6 @@ class TrainConfig:
 RESUME_KEYS = TrainConfig.resume_keys()
 # What checkpoints written before a resume key existed were trained with: seed heads, and each loss term's
 # default (its "off" value).
-RESUME_DEFAULTS = {"router": "seed", **LossConfig.resume_defaults()}
+# default (its "off" value); warmup_ratio did not exist, the warm-up was always --warmup_steps (views record no
+# ratio when --warmup_steps is given: it does not change the run then).
+RESUME_DEFAULTS = {"router": "seed", "warmup_ratio": None, **LossConfig.resume_defaults()}

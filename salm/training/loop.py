@@ -25,7 +25,7 @@ from salm.training.checkpoints import (
     resume_view,
     save_torch,
 )
-from salm.training.config import BEST_DIR, BEST_HEADS, CHECKPOINT, METRICS
+from salm.training.config import BEST_DIR, BEST_HEADS, CHECKPOINT, METRICS, Schedule
 from salm.training.reporters import MetricsLog, Reporter
 from salm.training.router import _reset_heads, _Router
 from salm.training.state import LoopState, Run, SplitFeatures
@@ -108,7 +108,7 @@ class Optimiser:
     scheduler: Any
 
     @classmethod
-    def build(cls, run: Run, model: Any, steps_per_epoch: int) -> Optimiser:
+    def build(cls, run: Run, model: Any, schedule: Schedule) -> Optimiser:
         from transformers import get_linear_schedule_with_warmup
 
         router: nn.Module = _Router(model)
@@ -118,23 +118,29 @@ class Optimiser:
             device = model.device
             router = DistributedDataParallel(router, device_ids=[device.index] if device.type == "cuda" else None)
         params = [p for p in model.parameters() if p.requires_grad]
-        optim = run.cfg.optim
-        optimizer = torch.optim.AdamW(params, lr=optim.learning_rate, weight_decay=0.01)
-        scheduler = get_linear_schedule_with_warmup(optimizer, optim.warmup_steps, steps_per_epoch * optim.num_epochs)
+        optimizer = torch.optim.AdamW(params, lr=schedule.peak_lr, weight_decay=0.01)
+        scheduler = get_linear_schedule_with_warmup(optimizer, schedule.warmup, schedule.total)
         return cls(router, params, optimizer, scheduler)
 
 
-def optimise(run: Run, model: Any, feats: SplitFeatures, reporter: Reporter, stop_after_epoch: int | None) -> LoopState:
-    """Fresh heads, AdamW + warm-up schedule, resume from the checkpoint if asked, then the epochs: a
+def optimise(
+    run: Run,
+    model: Any,
+    feats: SplitFeatures,
+    reporter: Reporter,
+    checkpoint: dict[str, Any] | None,
+    stop_after_epoch: int | None,
+) -> LoopState:
+    """Fresh heads, AdamW + warm-up schedule, resume from ``checkpoint`` if given, then the epochs: a
     validation and a checkpoint after each, the best heads saved whenever validation NLL improves."""
     cfg = run.cfg
     torch.manual_seed(cfg.optim.seed)
     _reset_heads(model, cfg)
-    loop = LoopState(steps_per_epoch=math.ceil(len(feats.train_tok) / (cfg.optim.batch_size * run.dist.world)))
-    opt = Optimiser.build(run, model, loop.steps_per_epoch)
+    loop = LoopState(schedule=cfg.optim.schedule(len(feats.train_tok), run.dist.world))
+    opt = Optimiser.build(run, model, loop.schedule)
     view = resume_view(cfg, model, feats, run.dist)
     loop.log = MetricsLog(run.out / METRICS, enabled=run.main)
-    resume_or_start(run, model, opt.optimizer, opt.scheduler, view, loop)
+    resume_or_start(run, model, opt.optimizer, opt.scheduler, view, loop, checkpoint)
     reporter.start(run.out, cfg.settings())
 
     def emit(rec: dict[str, Any]) -> None:
@@ -164,7 +170,7 @@ def _train_epoch(
     """One pass over the training split in this epoch's seeded order; a record every ``log_every_n_steps``."""
     from tqdm.auto import tqdm
 
-    cfg, dist, spe = run.cfg, run.dist, loop.steps_per_epoch
+    cfg, dist, spe = run.cfg, run.dist, loop.schedule.steps_per_epoch
     ids, global_batch = list(model.model_ids), cfg.optim.batch_size * dist.world
     model.train()
     order = torch.randperm(len(feats.train_tok), generator=torch.Generator().manual_seed(cfg.optim.seed + epoch))

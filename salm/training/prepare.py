@@ -68,6 +68,14 @@ def load_data(cfg: TrainConfig, data: Any, main: bool) -> Any:
     return data
 
 
+def warn_if_too_short(run: Run, n_train: int) -> None:
+    """One line before the members load when the run's learning rates cannot move the heads far: a run of a
+    few dozen steps at a small learning rate ends with heads near their random initialisation."""
+    problem = run.cfg.optim.schedule(n_train, run.dist.world).too_short()
+    if problem and run.main:
+        print(f"warning: {problem}", file=sys.stderr)
+
+
 def build_model(cfg: TrainConfig, model: Any, dist_device: torch.device | None) -> Any:
     """The ensemble whose heads are trained (``model`` as given, else the members with ``cfg.heads``)."""
     if model is None:

@@ -81,10 +81,12 @@ def save_and_report(
             "feature_cache": _cache_report(cfg, feats),
             "timing": {**{k: round(v, 3) for k, v in run.timing.items()}, "resumed": loop.resumed},
             "steps": {
-                "per_epoch": loop.steps_per_epoch,
+                "per_epoch": loop.schedule.steps_per_epoch,
                 "total": loop.step,
                 "epochs": cfg.optim.num_epochs,
                 "processes": run.dist.world,
+                "warmup": loop.schedule.warmup,
+                "learning_rate_sum": round(loop.schedule.lr_sum(), 6),
             },  # fmt: skip
             "outputs": _outputs(out),
         }

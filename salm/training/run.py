@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from salm.io import output_lock, report_stale_temporaries
+from salm.training.checkpoints import read_for_resume
 from salm.training.config import TrainConfig
 from salm.training.loop import optimise
-from salm.training.prepare import build_features, build_model, distributed, load_data
+from salm.training.prepare import build_features, build_model, distributed, load_data, warn_if_too_short
 from salm.training.report import TrainResult, save_and_report, stopped_result
 from salm.training.reporters import Reporter, make_reporter
 from salm.training.state import Run
@@ -39,9 +40,11 @@ def train(
         run.out.mkdir(parents=True, exist_ok=True)
         reporter = make_reporter(cfg.report_to) if run.main else Reporter()
         data = run.timed("data_s", load_data, cfg, data, run.main)
-        model = run.timed("model_s", build_model, cfg, model, dist_device)
+        checkpoint = read_for_resume(run)  # may set run.cfg: a run saved with the seed's defaults keeps them
+        warn_if_too_short(run, len(data.train))
+        model = run.timed("model_s", build_model, run.cfg, model, dist_device)
         feats = build_features(run, model, data)
-        loop = optimise(run, model, feats, reporter, stop_after_epoch)
+        loop = optimise(run, model, feats, reporter, checkpoint, stop_after_epoch)
         if loop.stopped_early:
             return stopped_result(run, model, loop)
         return save_and_report(run, model, data, feats, loop, t_start)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from salm.features import CachedFeatures, Dist, LiveFeatures, TokenizedSplit
-from salm.training.config import TrainConfig
+from salm.training.config import Schedule, TrainConfig
 
 if TYPE_CHECKING:
     from salm.training.reporters import MetricsLog
@@ -60,5 +60,5 @@ class LoopState:
     last_good: tuple[int, int] | None = None  # (epoch, step) of the checkpoint on disk from this run
     resumed: bool = False
     stopped_early: bool = False
-    steps_per_epoch: int = 0
+    schedule: Schedule | None = None  # the run's steps and warm-up
     log: MetricsLog | None = None
