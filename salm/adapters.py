@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from salm.members import MemberError, ModelInfo, load_member_model, resolve_adapter_path
+
 BASE = None
 """The block name of a member that is the base itself (no adapter)."""
 
 
 def _peft():
-    from salm.members import MemberError
-
     try:
         import peft
     except ImportError:
@@ -43,7 +43,6 @@ def _peft():
 
 def check_adapter_config(member_id: str, adapter: str, config: Any) -> None:
     """Refuse (naming the member and the feature) an adapter saLM cannot share a base with."""
-    from salm.members import MemberError
 
     def refuse(what: str) -> MemberError:
         return MemberError(
@@ -163,8 +162,6 @@ class LoraBank:
 def load_adapters(base: nn.Module, members: Sequence[Any], trust_remote_code: bool = False) -> LoraBank:
     """Inject the LoRA adapters of ``members`` (ModelInfos with ``adapter``; the adapter name is the member id)
     into ``base`` and return the bank running them; every problem is a one-line MemberError naming the member."""
-    from salm.members import MemberError, resolve_adapter_path
-
     peft = _peft()
     model = None
     for info in members:
@@ -199,8 +196,6 @@ def _check_layers(base: nn.Module, members: Sequence[Any]) -> None:
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.layer import LoraLayer
 
-    from salm.members import MemberError
-
     head = base.get_output_embeddings()
     for name, module in base.named_modules():
         if not isinstance(module, LoraLayer):
@@ -226,3 +221,37 @@ def _check_layers(base: nn.Module, members: Sequence[Any]) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def base_groups(infos: Sequence[ModelInfo], device: str | torch.device) -> list[list[int]]:
+    """Members that share one loaded model, as lists of indices in member order: those on the same base
+    (``path``, ``revision``, device) when any of them has an adapter; every other member alone."""
+    groups: dict[Any, list[int]] = {}
+    for i, m in enumerate(infos):
+        key = (m.path, m.revision, str(m.device or device))
+        groups.setdefault(key, []).append(i)
+    out: list[list[int]] = []
+    for members in groups.values():
+        if any(infos[i].adapter for i in members):
+            out.append(members)
+        else:
+            out += [[i] for i in members]
+    return sorted(out)
+
+
+def load_member_models(
+    infos: Sequence[ModelInfo], device: str | torch.device, dtype: torch.dtype, trust_remote_code: bool = False
+) -> list[Any]:
+    """One frozen model per member, in order; members on one base (:func:`base_groups`) get the same object,
+    loaded once, with their LoRA adapters injected (:func:`salm.adapters.load_adapters`)."""
+    models: list[Any] = [None] * len(infos)
+    for group in base_groups(infos, device):
+        first = infos[group[0]]
+        model = load_member_model(first, first.device or device, dtype, trust_remote_code)
+        adapted = [infos[i] for i in group if infos[i].adapter]
+        if adapted:
+            model.salm_lora = load_adapters(model, adapted, trust_remote_code)
+            model.eval()
+        for i in group:
+            models[i] = model
+    return models

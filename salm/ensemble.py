@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from salm import __version__
+from salm.adapters import load_member_models
 from salm.confidence import RouterState, history_over, read_mask
 from salm.generation import FROM_CONFIG
 from salm.io import atomic_dir, atomic_write_json
@@ -33,7 +34,6 @@ from salm.members import (
     check_tokenizers,
     context_length,
     eos_token_ids,
-    load_member_models,
     load_tokenizer,
     resolve_device,
     resolve_dtype,

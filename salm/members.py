@@ -412,42 +412,6 @@ def load_member_model(
     return model
 
 
-def base_groups(infos: Sequence[ModelInfo], device: str | torch.device) -> list[list[int]]:
-    """Members that share one loaded model, as lists of indices in member order: those on the same base
-    (``path``, ``revision``, device) when any of them has an adapter; every other member alone."""
-    groups: dict[Any, list[int]] = {}
-    for i, m in enumerate(infos):
-        key = (m.path, m.revision, str(m.device or device))
-        groups.setdefault(key, []).append(i)
-    out: list[list[int]] = []
-    for members in groups.values():
-        if any(infos[i].adapter for i in members):
-            out.append(members)
-        else:
-            out += [[i] for i in members]
-    return sorted(out)
-
-
-def load_member_models(
-    infos: Sequence[ModelInfo], device: str | torch.device, dtype: torch.dtype, trust_remote_code: bool = False
-) -> list[Any]:
-    """One frozen model per member, in order; members on one base (:func:`base_groups`) get the same object,
-    loaded once, with their LoRA adapters injected (:func:`salm.adapters.load_adapters`)."""
-    models: list[Any] = [None] * len(infos)
-    for group in base_groups(infos, device):
-        first = infos[group[0]]
-        model = load_member_model(first, first.device or device, dtype, trust_remote_code)
-        adapted = [infos[i] for i in group if infos[i].adapter]
-        if adapted:
-            from salm.adapters import load_adapters
-
-            model.salm_lora = load_adapters(model, adapted, trust_remote_code)
-            model.eval()
-        for i in group:
-            models[i] = model
-    return models
-
-
 def check_tokenizers(tokenizers: Sequence[Any], models: Sequence[ModelInfo]) -> None:
     """Raise unless every member maps every token to the same id; warn on special-token differences."""
     ref, ref_info = tokenizers[0], models[0]

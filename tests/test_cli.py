@@ -30,7 +30,7 @@ def _help(command: str, capsys) -> str:
     [
         ("generate", ["--temperature TEMPERATURE default: 0.7", "--top_k TOP_K default: 0", "(default: argmax)"]),
         ("evaluate", ["--temperature TEMPERATURE 0 = greedy (for every model) (default: 0.3)", "(default: 50)"]),
-        ("train", ["--learning_rate LEARNING_RATE default: 0.0001", "--seed SEED default: 42"]),
+        ("train", ["--learning_rate LEARNING_RATE default: 0.001", "--warmup_ratio WARMUP_RATIO", "(default: 0.1)"]),
         ("quickstart", ["(default: salm_quickstart)", "--learning_rate LEARNING_RATE default: 0.003"]),
     ],
 )

@@ -20,13 +20,14 @@ import pytest
 import torch
 
 import salm.loss
-from salm import io, training
+from salm import io
 from salm.cli import main as cli_main
 from salm.ensemble import CONFIG_NAME, WEIGHTS_NAME, MultiModelWithScalarHeads, WeightsError, read_weights
 from salm.io import OutputLockedError, output_lock, owner_tag
 from salm.members import MemberError
 from salm.testing import write_member_set
 from salm.training import TrainConfig, TrainingError, train
+from salm.training.prepare import distributed
 from tests.conftest import fresh, write_jsonl
 
 ROWS = [
@@ -320,4 +321,4 @@ def test_several_processes_without_accelerate_name_the_extra(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setitem(sys.modules, "accelerate", None)
     with pytest.raises(TrainingError, match=r"needs the accelerate package: pip install 'salm\[multigpu\]'"):
-        training._distributed("cpu")
+        distributed("cpu")

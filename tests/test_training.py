@@ -248,6 +248,98 @@ def test_resume_refuses_changed_settings(setup, tmp_path):
         train(config(setup, tmp_path, num_epochs=2, learning_rate=5e-3, resume=True), model=fresh(setup.ens))
 
 
+def test_warmup_is_a_share_of_the_run_unless_warmup_steps_is_given(setup, tmp_path):
+    """Without --warmup_steps the warm-up is --warmup_ratio of the run's steps (HF's rule, rounded up); an
+    explicit --warmup_steps, 0 included, is that many steps, as the seed's flag was. The run uses the schedule
+    it reports, and the schedule's learning-rate sum is what the scheduler applies."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from salm.training import OptimConfig
+
+    # 18 training rows, batch 4: 5 steps per epoch, 15 in 3 epochs.
+    for kw, warmup in (({}, 2), ({"warmup_ratio": 0.5}, 8), ({"warmup_steps": 0}, 0), ({"warmup_steps": 40}, 40)):
+        s = OptimConfig(num_epochs=3, learning_rate=2e-3, **kw).schedule(18)
+        assert (s.steps_per_epoch, s.total, s.warmup) == (5, 15, warmup), kw
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=s.peak_lr)
+        sched, applied = get_linear_schedule_with_warmup(opt, s.warmup, s.total), 0.0
+        for _ in range(s.total):
+            applied += opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+        assert s.lr_sum() == pytest.approx(applied, rel=1e-12), kw
+    assert OptimConfig(num_epochs=2).schedule(18, world=2).total == 6  # ceil(18 / (4 * 2)) per epoch
+
+    res = train(config(setup, tmp_path, num_epochs=3, warmup_steps=None, log_every_n_steps=1), model=fresh(setup.ens))
+    assert res.report["steps"]["warmup"] == 2 and res.report["settings"]["warmup_ratio"] == 0.1
+    logged = [r["train/learning_rate"] for r in records(tmp_path) if "train/learning_rate" in r]
+    want = [1e-3 * (t / 2 if t < 2 else (15 - t) / 13) for t in range(1, 16)]  # after each step: step t's rate
+    assert logged == pytest.approx(want, rel=1e-9)
+    assert res.report["steps"]["learning_rate_sum"] == pytest.approx(sum(logged), rel=1e-5)  # step 0's rate is 0
+
+
+def test_a_run_too_short_to_train_warns_before_the_members_load(setup, tmp_path, capsys):
+    """One line naming the flags to raise, printed before the members load: here the members file is missing,
+    so the run stops right after it."""
+    from salm.members import MemberError
+    from salm.training import OptimConfig
+
+    short = config(setup, tmp_path, learning_rate=1e-4, warmup_steps=None, models=str(tmp_path / "none.yaml"))
+    with pytest.raises(MemberError, match="does not exist"):
+        train(short)
+    lines = capsys.readouterr().err.splitlines()
+    warned = [line for line in lines if line.startswith("warning: this run is likely too short to train the heads")]
+    assert len(warned) == 1, lines
+    assert "10 optimizer steps (5 per epoch, 1 of warm-up)" in warned[0]
+    assert "raise --learning_rate or --num_epochs (or lower --batch_size)" in warned[0]
+    assert OptimConfig(num_epochs=10, learning_rate=3e-3).schedule(18).too_short() is None  # 50 steps at 3e-3
+
+
+def test_seed_out_of_range_is_one_line_naming_the_flag_before_members_load(setup, tmp_path, capsys):
+    import argparse
+
+    from salm.commands import train as train_command
+
+    parser = argparse.ArgumentParser()
+    train_command.add_arguments(parser)
+    big = "99999999999999999999999"
+    args = parser.parse_args(
+        ["--datasets", *setup.files, "--models", str(tmp_path / "none.yaml"), "--output_dir", str(tmp_path / "o"),
+         "--seed", big]
+    )  # fmt: skip
+    assert train_command.run(args) == 2
+    assert capsys.readouterr().err == f"salm train: error: --seed must be in [0, 2**63), got {big}\n"
+    for bad in (-1, 2**63):
+        with pytest.raises(TrainingError, match=rf"^--seed must be in \[0, 2\*\*63\), got {bad}$"):
+            config(setup, tmp_path, seed=bad).validate()
+    config(setup, tmp_path, seed=2**63 - 1).validate()
+
+
+def test_a_run_saved_before_warmup_ratio_resumes_as_it_was(setup, tmp_path, capsys):
+    """A checkpoint written before --warmup_ratio existed (its view has no warmup_ratio) by a run with the
+    seed's defaults (--learning_rate 1e-4 --warmup_steps 50) resumes under today's defaults with its own
+    settings and ends with the heads of the uninterrupted run; one trained with other settings is refused."""
+    from salm.training import OptimConfig
+
+    seed_defaults = {"learning_rate": 1e-4, "warmup_steps": 50}
+    today = {"learning_rate": OptimConfig().learning_rate, "warmup_steps": None}
+    full = train(config(setup, tmp_path / "full", num_epochs=3, **seed_defaults), model=fresh(setup.ens))
+    out = tmp_path / "old"
+    train(config(setup, out, num_epochs=3, **seed_defaults), model=fresh(setup.ens), stop_after_epoch=1)
+    ck = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    del ck["resume_view"]["warmup_ratio"]  # as saLM wrote it before the field existed
+    torch.save(ck, out / "checkpoint_last.pt")
+    capsys.readouterr()
+    res = train(config(setup, out, num_epochs=3, resume=True, **today), model=fresh(setup.ens))
+    assert "it continues with --learning_rate 0.0001 --warmup_steps 50" in capsys.readouterr().err
+    assert all(torch.equal(v, full.model.state_dict()[k]) for k, v in res.model.state_dict().items())
+    assert records(out) == records(tmp_path / "full")
+
+    other = tmp_path / "other"
+    train(config(setup, other, num_epochs=3, warmup_steps=3), model=fresh(setup.ens), stop_after_epoch=1)
+    with pytest.raises(TrainingError, match="warmup_steps: 3 in the checkpoint, None now"):
+        train(config(setup, other, num_epochs=3, resume=True, **today), model=fresh(setup.ens))
+
+
 def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     res = train(
         config(setup, tmp_path, num_epochs=4, learning_rate=3e-3, warmup_steps=0, plots=True), model=fresh(setup.ens)
@@ -415,7 +507,7 @@ def test_train_config_parts_round_trip_through_flat_settings():
     """The flat settings (flags, reports, resume views) and the parts are one config: from_flat(settings())
     rebuilds it exactly, each flag lands in its part, and the resume keys are those checkpoints have always had."""
     from salm.heads import HeadConfig
-    from salm.training import RESUME_KEYS
+    from salm.training import RESUME_DEFAULTS, RESUME_KEYS
 
     cfg = TrainConfig.from_flat(
         datasets=["a.jsonl"], batch_size=3, entropy_weight=0.0, disagreement_weight=2.0, head_hidden_dim=16,
@@ -426,10 +518,12 @@ def test_train_config_parts_round_trip_through_flat_settings():
     assert cfg.heads == HeadConfig(hidden_dim=16, router="joint")
     assert TrainConfig.from_flat(**cfg.settings()) == cfg
     assert TrainConfig.from_flat() == TrainConfig() and TrainConfig().heads.router == "aware"
-    assert set(RESUME_KEYS) == {
+    seed_keys = {
         "datasets", "batch_size", "learning_rate", "warmup_steps", "entropy_weight", "head_hidden_dim",
-        "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on", "router",
-        "disagreement_weight",
+        "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on",
     }  # fmt: skip
+    # A key added since has the value older checkpoints were trained with.
+    assert set(RESUME_KEYS) == seed_keys | {"router", "disagreement_weight", "warmup_ratio"}
+    assert set(RESUME_KEYS) - seed_keys <= set(RESUME_DEFAULTS)
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['head_width'\]"):
         TrainConfig.from_flat(head_width=8)

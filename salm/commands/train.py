@@ -21,7 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_epochs", type=int, default=d.optim.num_epochs)
     parser.add_argument("--batch_size", type=int, default=d.optim.batch_size, help="examples per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=d.optim.learning_rate)
-    parser.add_argument("--warmup_steps", type=int, default=d.optim.warmup_steps)
+    parser.add_argument(
+        "--warmup_steps", type=int, default=None, help="linear warm-up steps (default: --warmup_ratio of the run)"
+    )
+    parser.add_argument(
+        "--warmup_ratio", type=float, default=d.optim.warmup_ratio,
+        help="share of the run's optimizer steps spent warming up when --warmup_steps is not given",
+    )  # fmt: skip
     add_loss_arguments(parser, d.loss)
     parser.add_argument("--head_hidden_dim", type=int, default=d.heads.hidden_dim)
     parser.add_argument("--head_dropout", type=float, default=d.heads.dropout)
@@ -31,7 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "joint: one router over all members' hidden states and statistics; aware: confidence + each member's "
         "record on the text so far",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=d.optim.seed)
+    parser.add_argument(
+        "--seed", type=int, default=d.optim.seed, help="0 <= seed < 2**63: head initialisation, shuffling, dropout"
+    )
     parser.add_argument("--log_every_n_steps", type=int, default=d.optim.log_every_n_steps)
     common.add_model_arguments(parser)
     parser.add_argument("--max_length", type=int, default=d.data.max_length, help="tokens per example (prompt+answer)")
