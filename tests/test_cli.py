@@ -156,3 +156,25 @@ def test_every_loss_config_field_is_a_train_flag_with_its_default_and_help():
     args = parser.parse_args(["train", "--disagreement_weight", "3", "--allow_negative_entropy_weight"])
     loss = config_from_args(args).loss
     assert loss == LossConfig(disagreement_weight=3.0, allow_negative_entropy_weight=True)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "quickstart", "knowledge", "harness"])
+def test_default_output_folders_are_git_ignored(command):
+    """A newcomer's first runs must not show up as untracked files in the checkout."""
+    default = Path(build_parser([command]).parse_args([command]).output_dir)
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert f"{default.as_posix()}/" in ignored
+
+
+def test_make_quickstart_installs_only_the_package():
+    """`make quickstart` installs what the quickstart needs (the package), not the test suite's dev extra."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "quickstart"], cwd=REPO, capture_output=True, text=True, check=True)
+    installs = [line for line in out.stdout.splitlines() if " pip install " in line]
+    assert len(installs) == 1 and installs[0].endswith("pip install -q -e .")
+    assert "quickstart" in out.stdout.splitlines()[-1]
+    dev = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert 'pip install -q -e ".[dev]"' in dev
