@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,29 +47,6 @@ def test_no_dataset_is_bad_input_like_every_other_error(tiny_infos, tmp_path, ca
     err = capsys.readouterr().err
     assert f"x: could not read {missing}" in err
     assert err.strip().endswith("salm evaluate: error: no dataset could be loaded; nothing was evaluated")
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    """Hub access switched on (the suite runs offline) but pointed at a closed local port: a connection is
-    refused at once, as on a machine without network, and offline mode is back after the test."""
-    from huggingface_hub import constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    import datasets.config
-
-    for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setattr(datasets.config, attr, False)
-    monkeypatch.setattr(members, "_hub_probe", {})
-    return constants.ENDPOINT
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
