@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
         common.utf8_text(word, "the prompt" if len(args.prompt) == 1 else f"prompt argument {i + 1}")
     config = decode_config(args)
     common.check_routing_members(config.routing, args.models, args.weights)
+    model = common.ensemble_from_flags(args, args.weights)
     if not args.weights and not config.routing.startswith("member:"):
         common.warn_untrained_heads("salm generate")
-    model = common.ensemble_from_flags(args, args.weights)
     text = " ".join(args.prompt)
     prompt = text if args.raw else build_prompt(text)
     colour = use_colour(sys.stdout)

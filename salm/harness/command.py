@@ -119,7 +119,8 @@ def resolve_tasks(names: Sequence[str], data_dir: Path, hub: bool = False) -> di
 def load_task_manager(tasks: Mapping[str, str], data_dir: Path) -> Any:
     """lm-eval's task manager for ``tasks``, with every task built once (its data loaded) before any member
     loads: an unknown name or data that cannot be loaded (offline, not cached) is a :class:`HarnessError` in
-    seconds, not a traceback after the members. Only offline copies: lm-eval's own index is not built."""
+    seconds, not a traceback after the members. When only offline copies are asked for, lm-eval's own task index
+    (seconds to build) is left out."""
     import difflib
 
     from salm.harness import task_manager
