@@ -9,7 +9,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from salm.commands.common import add_model_arguments, ensemble_from_flags
+from salm.cli import setup_logging
+from salm.commands.common import (
+    UsageError,
+    add_model_arguments,
+    add_weights_argument,
+    check_routing_members,
+    ensemble_from_flags,
+    utf8_text,
+)
 from salm.data import build_prompt
 from salm.ensemble import WeightsError
 from salm.generation import DecodeConfig, GenerationError
@@ -25,28 +33,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="answer_confidence.json")
     p.add_argument("--max-tokens", "--max_new_tokens", dest="max_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument(
-        "--weights-path", "--weights_path", dest="weights_path", default=None,
+    add_weights_argument(
+        p, "--weights-path", "--weights_path",
         help=f"trained heads (default: {DEFAULT_WEIGHTS} when it exists; a path given here must exist)",
     )  # fmt: skip
     p.add_argument("--routing", default="argmax")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed, 0 <= seed < 2**63")
     add_model_arguments(p)
     args = p.parse_args(argv)
-    weights = args.weights_path or (DEFAULT_WEIGHTS if Path(DEFAULT_WEIGHTS).exists() else None)
-    if weights is None:
-        print(f"warning: no trained heads at {DEFAULT_WEIGHTS}; routing with UNTRAINED heads", file=sys.stderr)
-    try:
+    setup_logging()  # as the salm command: off a terminal, no per-file loading bars in the log
+    weights = args.weights or (DEFAULT_WEIGHTS if Path(DEFAULT_WEIGHTS).exists() else None)
+    try:  # everything checkable is checked before the members load
+        question = utf8_text(args.question, "the question")
         config = DecodeConfig(
             max_new_tokens=args.max_tokens, temperature=args.temperature, routing=args.routing, seed=args.seed
-        ).validate()  # before loading
+        ).validate()
+        check_routing_members(config.routing, args.models, weights)
+        if weights is None:
+            print(f"warning: no trained heads at {DEFAULT_WEIGHTS}; routing with UNTRAINED heads", file=sys.stderr)
         model = ensemble_from_flags(args, weights)
-        out = model.generate(build_prompt(args.question), config=config, return_outputs=True)
-    except (MemberError, WeightsError, GenerationError) as e:
+        out = model.generate(build_prompt(question), config=config, return_outputs=True)
+    except (UsageError, MemberError, WeightsError, GenerationError) as e:
         print(f"answer_generator: error: {e}", file=sys.stderr)
         return 2
     result = {
-        "question": args.question,
+        "question": question,
         "answer": out.text,
         "tokens": [d.to_seed_dict() for d in out.decisions],
     }

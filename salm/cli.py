@@ -92,6 +92,7 @@ def setup_logging(verbose: bool = False) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     setup_logging(args.verbose)
+    from salm.commands.common import UsageError
     from salm.data import DataFormatError, DatasetUnavailableError
     from salm.ensemble import WeightsError
     from salm.generation import GenerationError
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(importlib.import_module(args._module).run(args) or EXIT_OK)
-    except (MemberError, WeightsError, GenerationError, DataFormatError, DatasetUnavailableError) as e:
+    except (UsageError, MemberError, WeightsError, GenerationError, DataFormatError, DatasetUnavailableError) as e:
         print(f"salm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -239,6 +239,8 @@ class DecodeConfig:
                 raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
         if seed is not None and not _is_int(seed):
             raise GenerationError(f"seed must be an integer or None, got {seed!r}")
+        if seed is not None and not 0 <= seed < 2**63:  # torch's generators take a signed 64-bit seed
+            raise GenerationError(f"seed must be >= 0 and < 2**63, got {seed}")
         if self.cache_implementation not in ("dynamic", "static"):
             raise GenerationError(
                 f"cache_implementation must be 'dynamic' or 'static', got {self.cache_implementation!r}"
@@ -266,8 +268,8 @@ def check_batch_size(batch_size: Any) -> None:
 def _prompt_list(prompt: Any) -> list[str]:
     """A string or an iterable of strings, as a list; anything else (bytes, numbers, None) is an error."""
     if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
+        prompt = [prompt]
+    elif isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable):
         raise GenerationError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
     prompt = list(prompt)
     if not prompt:

@@ -194,6 +194,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{owner_tag()}", suffix=".tmp"))
     try:
         yield tmp
+        _ordinary_modes(tmp)
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if path.exists():
@@ -205,6 +206,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _ordinary_modes(folder: Path) -> None:
+    """Give everything under ``folder`` the mode an ordinary ``open``/``mkdir`` would (0666 or 0777 minus the
+    umask; executables keep their x bits). Some writers create private 0600 files (safetensors' ``save_file``
+    does), which would leave e.g. ``heads.safetensors`` unreadable beside its 0644 config."""
+    for p in folder.rglob("*"):
+        if p.is_symlink():
+            continue
+        full = p.is_dir() or p.stat().st_mode & 0o111
+        os.chmod(p, (0o777 if full else 0o666) & ~_UMASK)
 
 
 # ---------------------------------------------------------------------------------------------- locks

@@ -119,28 +119,7 @@ def load_member_set(path: str | os.PathLike) -> list[ModelInfo]:
     entries = raw.get("members") if isinstance(raw, dict) else raw
     if not isinstance(entries, list):
         raise MemberError(f"member-set file {path}: expected a list of members or a 'members:' list")
-    members: list[ModelInfo] = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or "id" not in entry or "path" not in entry:
-            raise MemberError(f"member-set file {path}: member #{i + 1} needs at least 'id' and 'path'")
-        unknown = set(entry) - MEMBER_FIELDS
-        if unknown:
-            raise MemberError(f"member-set file {path}: member {entry['id']!r} has unknown fields {sorted(unknown)}")
-        p = _relative_to(path, str(entry["path"]))
-        adapter = _relative_to(path, str(entry["adapter"])) if entry.get("adapter") is not None else None
-        members.append(
-            ModelInfo(
-                id=str(entry["id"]),
-                name=str(entry.get("name", entry["id"])),
-                path=p,
-                parameters=str(entry.get("parameters", "")),
-                task=str(entry.get("task", "")),
-                revision=entry.get("revision"),
-                device=entry.get("device"),
-                adapter=adapter,
-                adapter_revision=entry.get("adapter_revision"),
-            )
-        )
+    members = [member_from_entry(entry, i, f"member-set file {path}", path.parent) for i, entry in enumerate(entries)]
     validate_member_set(members, source=str(path))
     return members
 
@@ -149,12 +128,38 @@ MEMBER_FIELDS = {f for f in ModelInfo.__dataclass_fields__ if f != "aliases"}
 """The fields a member-set entry (and a saved ``salm_config.json`` member) may have."""
 
 
-def _relative_to(member_set: Path, p: str) -> str:
-    """``p`` resolved against the member-set file's folder when it is a local relative path (``./x`` or existing)."""
-    local = (member_set.parent / p).expanduser()
-    if not Path(p).is_absolute() and (p.startswith(".") or local.exists()):
-        return str(local.resolve())
-    return p
+def member_from_entry(entry: Any, i: int, source: str, base: Path | None = None) -> ModelInfo:
+    """One member from its entry in a member-set file (``{"id": ..., "path": ..., ...}``), checked.
+
+    ``base`` is the file's folder: a relative local path (of the model or its adapter) is resolved against it,
+    so a member-set file can travel with the folders it names. Without it (a list given in Python) paths stay
+    as given.
+    """
+    if not isinstance(entry, dict) or "id" not in entry or "path" not in entry:
+        raise MemberError(f"{source}: member #{i + 1} needs at least 'id' and 'path'")
+    unknown = set(entry) - MEMBER_FIELDS
+    if unknown:
+        raise MemberError(f"{source}: member {entry['id']!r} has unknown fields {sorted(unknown)}")
+
+    def local(p: str) -> str:
+        if base is None:
+            return p
+        resolved = (base / p).expanduser()
+        if not Path(p).is_absolute() and (p.startswith(".") or resolved.exists()):
+            return str(resolved.resolve())
+        return p
+
+    return ModelInfo(
+        id=str(entry["id"]),
+        name=str(entry.get("name", entry["id"])),
+        path=local(str(entry["path"])),
+        parameters=str(entry.get("parameters", "")),
+        task=str(entry.get("task", "")),
+        revision=entry.get("revision"),
+        device=entry.get("device"),
+        adapter=local(str(entry["adapter"])) if entry.get("adapter") is not None else None,
+        adapter_revision=entry.get("adapter_revision"),
+    )
 
 
 def write_member_set(path: str | os.PathLike, members: Sequence[ModelInfo], comment: str | None = None) -> Path:
@@ -194,15 +199,33 @@ def validate_member_set(models: Sequence[ModelInfo], source: str = "member set")
             raise MemberError(f"{source}: member id {m.id!r} must be non-empty and contain no '.'")
 
 
-def resolve_models(models: str | os.PathLike | Sequence[ModelInfo] | None) -> list[ModelInfo]:
-    """Accept ``None`` (the default trio), a member-set file, or a list of ModelInfo."""
+def resolve_models(
+    models: str | os.PathLike | Sequence[ModelInfo | dict[str, Any]] | None,
+) -> list[ModelInfo]:
+    """Accept ``None`` (the default trio), a member-set file, or a list of ModelInfo or of member-set file
+    entries (dicts with ``id`` and ``path``, checked as the file's are)."""
     if models is None:
         return list(MODELS)
     if isinstance(models, (str, os.PathLike)):
         return load_member_set(models)
-    models = list(models)
-    validate_member_set(models)
-    return models
+    if isinstance(models, dict) or not isinstance(models, Iterable):
+        raise MemberError(
+            f"members must be a member-set file or a list of ModelInfo or {{'id', 'path'}} dicts, "
+            f"got {type(models).__name__}"
+        )
+    infos = []
+    for i, m in enumerate(models):
+        if isinstance(m, ModelInfo):
+            infos.append(m)
+        elif isinstance(m, dict):
+            infos.append(member_from_entry(m, i, "member list"))
+        else:
+            raise MemberError(
+                f"member list: member #{i + 1} is a {type(m).__name__}; expected a ModelInfo or a dict "
+                "with at least 'id' and 'path'"
+            )
+    validate_member_set(infos)
+    return infos
 
 
 def available_devices() -> list[str]:

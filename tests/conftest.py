@@ -13,6 +13,7 @@ import atexit
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"public datasets not found at {SHARED_DATA} (../shared/data from the repo root)")
     return SHARED_DATA
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Hub access switched on (the suite runs offline) but pointed at a closed local port: a connection is
+    refused at once, as on a machine without network, and offline mode is back after the test."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    import datasets.config
+
+    for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setattr(datasets.config, attr, False)
+    from salm import members
+
+    monkeypatch.setattr(members, "_hub_probe", {})
+    return constants.ENDPOINT
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,29 +47,6 @@ def test_no_dataset_is_bad_input_like_every_other_error(tiny_infos, tmp_path, ca
     err = capsys.readouterr().err
     assert f"x: could not read {missing}" in err
     assert err.strip().endswith("salm evaluate: error: no dataset could be loaded; nothing was evaluated")
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    """Hub access switched on (the suite runs offline) but pointed at a closed local port: a connection is
-    refused at once, as on a machine without network, and offline mode is back after the test."""
-    from huggingface_hub import constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
-    import datasets.config
-
-    for attr in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setattr(datasets.config, attr, False)
-    monkeypatch.setattr(members, "_hub_probe", {})
-    return constants.ENDPOINT
 
 
 @pytest.mark.parametrize("command", ["generate", "evaluate"])
@@ -156,3 +132,25 @@ def test_every_loss_config_field_is_a_train_flag_with_its_default_and_help():
     args = parser.parse_args(["train", "--disagreement_weight", "3", "--allow_negative_entropy_weight"])
     loss = config_from_args(args).loss
     assert loss == LossConfig(disagreement_weight=3.0, allow_negative_entropy_weight=True)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "quickstart", "knowledge", "harness"])
+def test_default_output_folders_are_git_ignored(command):
+    """A newcomer's first runs must not show up as untracked files in the checkout."""
+    default = Path(build_parser([command]).parse_args([command]).output_dir)
+    ignored = (REPO / ".gitignore").read_text().splitlines()
+    assert f"{default.as_posix()}/" in ignored
+
+
+def test_make_quickstart_installs_only_the_package():
+    """`make quickstart` installs what the quickstart needs (the package), not the test suite's dev extra."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "quickstart"], cwd=REPO, capture_output=True, text=True, check=True)
+    installs = [line for line in out.stdout.splitlines() if " pip install " in line]
+    assert len(installs) == 1 and installs[0].endswith("pip install -q -e .")
+    assert "quickstart" in out.stdout.splitlines()[-1]
+    dev = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert 'pip install -q -e ".[dev]"' in dev

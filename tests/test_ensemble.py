@@ -216,6 +216,22 @@ def test_member_set_file_relative_paths(tiny_infos, tmp_path):
         load_member_set(tmp_path / "bad.json")
 
 
+def test_members_given_as_the_files_entries(tiny_infos, tmp_path):
+    """A list of member-set-file entries (dicts) is read as the file's entries are, with the same checks."""
+    from salm.members import resolve_models
+
+    entries = [{"id": m.id, "path": m.path, "task": "t"} for m in tiny_infos[:2]]
+    (tmp_path / "members.json").write_text(json.dumps(entries))
+    assert resolve_models(entries) == load_member_set(tmp_path / "members.json")
+    assert MultiModelWithScalarHeads(entries, device="cpu").model_ids == ["tiny-0", "tiny-1"]
+    with pytest.raises(MemberError, match=r"member list: member 'a' has unknown fields \['colour'\]"):
+        resolve_models([{"id": "a", "path": "x", "colour": "red"}, entries[0]])
+    with pytest.raises(MemberError, match="member list: member #2 needs at least 'id' and 'path'"):
+        resolve_models([entries[0], {"id": "b"}])
+    with pytest.raises(MemberError, match="member #1 is a str; expected a ModelInfo or a dict"):
+        resolve_models(["tiny-0", entries[1]])
+
+
 @pytest.mark.parametrize("name", ["members.yaml", "members.json"])
 def test_member_set_written_reads_back_the_same_members(tiny_infos, tmp_path, name):
     """The one writer and the one reader agree, also on values YAML would retype or misparse by hand."""

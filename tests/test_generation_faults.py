@@ -62,6 +62,7 @@ def test_generation_never_flips_the_models_mode_and_routes_with_eval_heads(tiny_
         ({"prompt": b"hello"}, "prompt must be a string or a list of strings, got bytes"),
         ({"prompt": None}, "prompt must be a string or a list of strings, got NoneType"),
         ({"prompt": ["ok", "bad \ud800"]}, r"prompt 1 holds an unpaired surrogate '\\ud800' at position 4"),
+        ({"prompt": "Zoe has \udcff\udcfe 12"}, r"prompt 0 holds an unpaired surrogate '\\udcff' at position 8"),
         ({"stop": 5}, "stop must be a string or a list of strings, got 5"),
         ({"stop": [1]}, r"stop must be a string or a list of strings, got \[1\]"),
         ({"routing": None}, "routing must be a string .*got NoneType"),
@@ -69,6 +70,8 @@ def test_generation_never_flips_the_models_mode_and_routes_with_eval_heads(tiny_
         ({"top_p": math.nan}, r"top_p must be in \(0, 1\], got nan"),
         ({"top_k": 2.5}, "top_k must be an integer >= 0"),
         ({"seed": "1"}, "seed must be an integer or None, got '1'"),
+        ({"seed": 2**63}, r"seed must be >= 0 and < 2\*\*63, got 9223372036854775808"),
+        ({"seed": -1}, r"seed must be >= 0 and < 2\*\*63, got -1"),
         ({"max_new_tokens": True}, "max_new_tokens must be an integer >= 1, got True"),
     ],
 )

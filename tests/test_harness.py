@@ -134,6 +134,11 @@ def test_bad_arguments_are_named(tiny_ensemble):
         SalmLM(ensemble=tiny_ensemble, batch_size="auto")
     with pytest.raises(ValueError, match="unknown member 'nope'"):
         SalmLM(ensemble=tiny_ensemble, routing="member:nope")
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):  # was silently the default 8
+        SalmLM(ensemble=tiny_ensemble, batch_size=0)
+    with pytest.raises(ValueError, match="max_gen_toks must be >= 1, got 0"):
+        SalmLM(ensemble=tiny_ensemble, max_gen_toks=0)
+    assert SalmLM(ensemble=tiny_ensemble, batch_size=None).batch_size == 8
 
 
 def _simple_evaluate(lm, tasks, data, **kw):

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is an optional extra (pip install 'salm[harness]')")
 
 from salm.testing import write_member_set  # noqa: E402
-from tests.conftest import write_task_data  # noqa: E402
+from tests.conftest import write_jsonl, write_task_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +110,149 @@ def test_two_processes_equal_one(setup):
             la = [r[0][0] for s in sa for r in s["resps"]]
             lb = [r[0][0] for s in sb for r in s["resps"]]
             assert la == pytest.approx(lb, abs=1e-5)
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert err[0].startswith("salm harness: error: ")
+    return err[0].removeprefix("salm harness: error: ")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be an integer >= 1, got 0"),  # ran with 8 and recorded 0
+        (["--max_gen_toks", "0"], "--max_gen_toks must be an integer >= 1, got 0"),
+        (["--limit", "0"], "--limit must be a number of documents >= 1 or a fraction in (0, 1), got 0.0"),
+        (["--limit", "-1"], "--limit must be a number of documents >= 1 or a fraction in (0, 1), got -1.0"),
+        (["--limit", "2.5"], "--limit 2.5: a number of documents must be whole (a fraction must be < 1)"),
+        (["--routing", "vote"], "--routing: unknown routing 'vote'"),
+        (["--tasks", "gsm8k_lokal"], "--tasks gsm8k_lokal: unknown lm-eval task (did you mean gsm8k_local"),
+        (
+            ["--tasks", "quickstart_arithmetic"],
+            "--tasks quickstart_arithmetic: no local copy in {empty} (it needs "
+            "data/math_train.jsonl, data/math_test.jsonl there); pass --data_dir DIR",
+        ),  # fmt: skip
+        # HF_HUB_OFFLINE=1 (the suite's setting): lm-eval's hub task cannot be the fallback
+        (
+            ["--tasks", "gsm8k"],
+            "--tasks gsm8k: no local copy in {empty} (it needs gsm8k/train.jsonl, "
+            "gsm8k/test.jsonl there); pass --data_dir DIR (or set SALM_DATA_DIR=DIR) holding them, or run where",
+        ),  # fmt: skip
+    ],
+)
+def test_bad_input_is_one_line_before_the_members_load(setup, tmp_path, capsys, flags, message):
+    from salm.cli import main
+
+    root, _, heads, _ = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data = empty if "--tasks" in flags else setup[3]
+    missing = tmp_path / "none.json"  # loading these members would fail: each error must come first
+    argv = ["harness", "--models", str(missing), "--weights", str(heads), "--data_dir", str(data),
+            "--output_dir", str(tmp_path / "o"), "--tasks", "medqa_4options", *flags]  # fmt: skip
+    assert main(argv) == 2
+    assert _one_error_line(capsys).startswith(message.format(empty=empty))
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_hub_without_local_data_fails_at_once(setup, tmp_path, capfd, unreachable_hub):
+    """No network and no local copy: one probe of the hub, then the way out, not a minute of retries."""
+    from salm import members
+    from salm.cli import main
+
+    argv = ["harness", "--models", str(tmp_path / "no_members.json"), "--tasks", "boolq", "--data_dir",
+            str(tmp_path), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 2
+    err = capfd.readouterr().err
+    assert "Retrying" not in err
+    assert err.strip().endswith(
+        f"salm harness: error: --tasks boolq: no local copy in {tmp_path} (it needs boolq/validation.jsonl there); "
+        "pass --data_dir DIR (or set SALM_DATA_DIR=DIR) holding them, or run where the Hugging Face hub is "
+        "reachable (lm-eval's boolq)"
+    )
+    assert members.hub_offline()
+
+
+def _quickstart_build(folder: Path, n: int = 4) -> Path:
+    """A quickstart build's arithmetic splits as `salm quickstart` writes them (question, '#### N' solution)."""
+    rows = [
+        {"question": f"Tom has {i} apples and buys {i + 2} more. How many apples does he have now?",
+         "answer": f"{i} + {i + 2} = {2 * i + 2}.\n#### {2 * i + 2}", "domain": "math"}
+        for i in range(2 * n)
+    ]  # fmt: skip
+    write_jsonl(folder / "data" / "math_train.jsonl", rows[:n])
+    write_jsonl(folder / "data" / "math_test.jsonl", rows[n:])
+    return folder
+
+
+def test_quickstart_arithmetic_reads_the_members_answer_form(tmp_path):
+    """The task shows the quickstart's prompt template and worked answers, and its strict match credits
+    "the answer is: N" (what the members write), not GSM8K's "#### N"."""
+    import lm_eval
+    from lm_eval.api.model import LM
+
+    from salm.data import build_prompt
+    from salm.harness import task_manager
+
+    build = _quickstart_build(tmp_path / "build")
+    tests = [json.loads(line) for line in (build / "data" / "math_test.jsonl").read_text().splitlines()]
+    gold = {build_prompt(r["question"]): r["answer"].rsplit("#### ", 1)[1] for r in tests}
+    replies = iter([
+        "Reasoning: ...\nTherefore, the answer is: {}",  # right, in the members' form
+        "Reasoning: ...\nTherefore, the answer is: {}.",  # right, with a full stop
+        "Reasoning: ...\n#### {}",  # GSM8K's form: not what this task's strict match reads
+        "Reasoning: {} is close.\nTherefore, the answer is: 0",  # wrong (the number appears earlier)
+    ])  # fmt: skip
+
+    class Scripted(LM):
+        contexts: list[str] = []
+
+        def generate_until(self, requests, disable_tqdm=False):
+            out = []
+            for r in requests:
+                self.contexts.append(r.args[0])
+                prompt = next(p for p in gold if r.args[0].endswith(p))
+                out.append(next(replies).format(gold[prompt]))
+            return out
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            raise NotImplementedError
+
+    lm = Scripted()
+    res = lm_eval.simple_evaluate(
+        model=lm, tasks=["quickstart_arithmetic"], num_fewshot=1, bootstrap_iters=0,
+        task_manager=task_manager(build, include_defaults=False),
+    )  # fmt: skip
+    r = res["results"]["quickstart_arithmetic"]
+    assert r["exact_match,strict-match"] == 0.5  # the first two
+    assert r["exact_match,flexible-extract"] == 0.75  # the last number: also "#### N"
+    shot = next(
+        s for s in (json.loads(line) for line in (build / "data" / "math_train.jsonl").read_text().splitlines())
+    )
+    assert all(c.endswith(tuple(gold)) and "\nTherefore, the answer is: " in c.split("\n\n")[0] for c in lm.contexts)
+    assert any(c.startswith(build_prompt(shot["question"])) for c in lm.contexts)
+
+
+def test_untrained_heads_and_the_settings_that_ran_are_recorded(setup, tmp_path):
+    from salm.cli import main
+
+    _, members, heads, _ = setup
+    build = _quickstart_build(tmp_path / "build")
+    argv = ["harness", "--models", str(members), "--data_dir", str(build), "--tasks", "quickstart_arithmetic",
+            "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--batch_size", "3", "--max_gen_toks", "4",
+            "--limit", "2.0", "--only_ensemble", "--no_plots"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert summary["settings"]["batch_size"] == 3 and summary["settings"]["limit"] == 2  # a whole number, as run
+    assert summary["settings"]["weights"] is None
+    assert summary["comparison"]["quickstart_arithmetic"]["models"]["ensemble"]["n"] == 2
+    table = (tmp_path / "out" / "comparison.md").read_text()
+    assert "**Heads: UNTRAINED (random initialisation; no --weights)" in table
+    assert "| quickstart_arithmetic (quickstart_arithmetic, exact_match,strict-match) | 2 |" in table
+    assert main([*argv, "--weights", str(heads), "--output_dir", str(tmp_path / "trained")]) == 0
+    assert f"Heads: `{heads}`." in (tmp_path / "trained" / "comparison.md").read_text()

@@ -36,7 +36,7 @@ def test_facts_are_disjoint_and_deterministic():
         knowledge_recipe("huge")
 
 
-def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
+def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path, capsys):
     summary = run_knowledge(
         "tiny", output_dir=tmp_path / "out", variants=["seed", "aware"], members_dir=str(tmp_path / "members"),
         num_epochs=2, progress=False,
@@ -58,8 +58,11 @@ def test_tiny_benchmark_runs_and_its_metrics_agree(tmp_path):
     assert cfg["heads"]["router"] == "aware"
     # A second build of the same recipe reuses the folder (nothing retrained).
     before = (tmp_path / "members" / "build_report.json").stat().st_mtime_ns
-    build_knowledge_members(recipe, tmp_path / "members", progress=False)
+    capsys.readouterr()
+    build_knowledge_members(recipe, tmp_path / "members", progress=True)
     assert (tmp_path / "members" / "build_report.json").stat().st_mtime_ns == before
+    # Its progress lines are labelled as the command that prints them.
+    assert capsys.readouterr().err.startswith("[salm knowledge] reusing knowledge-split members")
 
 
 def test_refuses_a_foreign_members_dir(tmp_path):

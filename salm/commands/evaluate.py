@@ -27,18 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--datasets",
         nargs="+",
-        default=["all"],
-        help=f"tasks to run: {', '.join(DEFAULT_TASKS)} or all (default), or a name given with --data",
+        default=None,
+        help=f"tasks to run: {', '.join(DEFAULT_TASKS)}, all (these and every --data name), or a name given with "
+        "--data (default: the --data names if any are given, else all)",
     )
     parser.add_argument("--sample_size", type=int, default=d.sample_size, help="examples per dataset (0 = all)")
     parser.add_argument(
-        "--random_seed", type=int, default=d.random_seed, help="seed for sampling examples and decoding"
+        "--random_seed",
+        "--seed",
+        dest="random_seed",
+        type=int,
+        default=d.random_seed,
+        help="seed for sampling examples and decoding, 0 <= seed < 2**63",
     )
-    parser.add_argument(
+    common.add_weights_argument(
+        parser,
         "--model_weights",
-        "--weights",
-        dest="model_weights",
-        default=None,
         help="trained heads (saLM folder, .safetensors or the seed's .pt); without: untrained heads",
     )
     parser.add_argument("--only_ensemble", action="store_true", help="skip the members' own runs")
@@ -92,19 +96,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_data(values: Sequence[str]) -> dict[str, str]:
+    from salm.evaluation.tasks import task_name_problem
+
     data = {}
     for v in values:
         name, sep, path = v.partition("=")
+        name, path = name.strip(), path.strip()
         if not sep or not name or not path:
             raise ValueError(f"--data expects NAME=PATH, got {v!r}")
-        data[name.strip()] = path.strip()
+        problem = task_name_problem(name)
+        if problem:
+            raise ValueError(f"--data {v}: NAME {problem} in --output_dir")
+        data[name] = path
     return data
 
 
-def _dataset_names(requested: Sequence[str], data: Mapping[str, str]) -> list[str]:
-    """Expand ``all``; with the default ``all``, datasets given only through --data are added too."""
+def _dataset_names(requested: Sequence[str] | None, data: Mapping[str, str]) -> list[str]:
+    """The datasets to run: ``requested`` with ``all`` expanded (the default tasks and every --data name);
+    without --datasets, the datasets given by --data, or ``all`` when there are none."""
     from salm.evaluation.tasks import DEFAULT_TASKS, TASKS
 
+    if requested is None:
+        requested = list(data) or ["all"]
     names: list[str] = []
     for name in requested:
         extra = list(DEFAULT_TASKS) + [n for n in data if n not in DEFAULT_TASKS] if name == "all" else [name]
@@ -177,13 +190,14 @@ def run(args: argparse.Namespace) -> int:
             num_examples=args.num_examples,
             plots=not args.no_plots,
             split=args.split,
-            weights=args.model_weights,
+            weights=args.weights,
             num_fewshot=args.num_fewshot,
         )
         settings.validate()
     except ValueError as e:
         print(f"salm evaluate: error: {e}", file=sys.stderr)
         return 2
+    common.check_routing_members(settings.decode.routing, args.models, args.weights)
     # Load (and sample) the data before the members: an offline run learns what is missing in seconds.
     runs, skipped = prepare_tasks(names, settings, data)
     for message in skipped.values():
@@ -191,17 +205,13 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         print("salm evaluate: error: no dataset could be loaded; nothing was evaluated", file=sys.stderr)
         return 2  # bad input, like every other command's (see salm.cli's exit codes)
-    if not args.model_weights:
-        print(
-            "=" * 78 + "\nWARNING: no --model_weights given: the routing heads are UNTRAINED (random).\n"
-            "The ensemble's numbers say nothing about saLM; pass --model_weights PATH for trained heads.\n" + "=" * 78,
-            file=sys.stderr,
-        )
+    if not args.weights:
+        common.warn_untrained_heads("salm evaluate")
         logger.warning("evaluating with untrained routing heads")
     out_dir = Path(args.output_dir)
     try:
         with output_lock(out_dir, "salm evaluate"):  # before the members load: a second run fails at once
-            model = common.ensemble_from_flags(args, args.model_weights)
+            model = common.ensemble_from_flags(args, args.weights)
             summary = evaluate(model, runs, out_dir, settings, skipped=skipped)
     except OutputLockedError as e:
         print(f"salm evaluate: error: {e}", file=sys.stderr)

@@ -11,13 +11,15 @@ from salm.commands import common
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="+", help="the question or prompt text")
     common.add_model_arguments(parser)
-    parser.add_argument("--weights", "--weights_path", dest="weights", default=None, help="trained heads")
+    common.add_weights_argument(
+        parser, "--weights_path", help="trained heads (without: untrained heads, with a warning)"
+    )
     parser.add_argument("--max_new_tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--routing", default="argmax", help="argmax | mixture | threshold:<p> | member:<id>")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed, 0 <= seed < 2**63")
     parser.add_argument(
         "--raw", action="store_true", help="send the prompt as is (default: the Question/Answer template)"
     )
@@ -41,8 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from salm.data import build_prompt
     from salm.display import legend, member_shares, print_decisions, use_colour
 
+    for i, word in enumerate(args.prompt):  # checked before the members load, like every flag
+        common.utf8_text(word, "the prompt" if len(args.prompt) == 1 else f"prompt argument {i + 1}")
     config = decode_config(args)
+    common.check_routing_members(config.routing, args.models, args.weights)
     model = common.ensemble_from_flags(args, args.weights)
+    if not args.weights and not config.routing.startswith("member:"):
+        common.warn_untrained_heads("salm generate")
     text = " ".join(args.prompt)
     prompt = text if args.raw else build_prompt(text)
     colour = use_colour(sys.stdout)

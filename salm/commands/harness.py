@@ -6,17 +6,18 @@ lm-eval is imported in ``run`` only, so ``salm harness --help`` works without th
 from __future__ import annotations
 
 import argparse
-import sys
 
 from salm.commands import common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", "--model_weights", dest="weights", default=None, help="trained heads")
+    common.add_weights_argument(
+        parser, "--model_weights", help="trained heads (without: untrained heads, with a warning)"
+    )
     parser.add_argument(
         "--tasks",
         default="gsm8k,medqa_4options,boolq",
-        help="comma-separated lm-eval task names (default: %(default)s)",
+        help="comma-separated lm-eval task names, or quickstart_arithmetic (default: %(default)s)",
     )
     parser.add_argument("--num_fewshot", type=int, default=None, help="shots per question (default: each task's)")
     parser.add_argument("--output_dir", default="harness_results")
@@ -25,13 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_gen_toks", type=int, default=256, help="new tokens per generation (lm-eval's default)")
     parser.add_argument(
-        "--limit", type=float, default=None, help="documents per task (lm-eval's --limit; testing only)"
-    )
+        "--limit", type=float, default=None,
+        help="documents per task, or a fraction (0, 1) of each (lm-eval's --limit; testing only)",
+    )  # fmt: skip
     parser.add_argument("--fewshot_seed", type=int, default=1234, help="lm-eval's fewshot_random_seed")
     parser.add_argument(
         "--data_dir",
         default=None,
-        help="folder of the local gsm8k/medqa/boolq copies (default: $SALM_DATA_DIR, else ../shared/data)",
+        help="folder of the local gsm8k/medqa/boolq copies, or a quickstart build for quickstart_arithmetic "
+        "(default: $SALM_DATA_DIR, else ../shared/data)",
     )
     parser.add_argument("--hub", action="store_true", help="use lm-eval's own hub tasks even where a local copy exists")
     parser.add_argument("--no_plots", action="store_true")
@@ -42,51 +45,47 @@ def run(args: argparse.Namespace) -> int:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        print("salm harness: error: lm-eval is not installed; pip install 'salm[harness]'", file=sys.stderr)
-        return 2
+        raise common.UsageError("lm-eval is not installed; pip install 'salm[harness]'") from None
     from salm.ensemble import load_ensemble
-    from salm.generation import parse_routing
     from salm.harness.adapter import process_state
-    from salm.harness.command import render_comparison, resolve_tasks, run_harness
+    from salm.harness.command import (
+        HarnessError,
+        check_settings,
+        load_task_manager,
+        render_comparison,
+        resolve_tasks,
+        run_harness,
+    )
     from salm.harness.tasks.salm_local import data_dir as resolve_data_dir
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if not names:
-        print("salm harness: error: --tasks is empty; e.g. --tasks gsm8k,medqa_4options,boolq", file=sys.stderr)
-        return 2
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        print(f"salm harness: error: --num_fewshot must be >= 0, got {args.num_fewshot}", file=sys.stderr)
-        return 2
-    if args.routing.startswith("member:"):
-        print("salm harness: error: --routing is the ensemble's; members are evaluated anyway", file=sys.stderr)
-        return 2
     data_dir = resolve_data_dir({"data_dir": args.data_dir})
-    tasks = resolve_tasks(names, data_dir, args.hub)
+    try:  # everything known up front is checked before the members load
+        if not names:
+            raise HarnessError("--tasks is empty; e.g. --tasks gsm8k,medqa_4options,boolq")
+        settings = check_settings({
+            "routing": args.routing, "num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed,
+            "limit": args.limit, "batch_size": args.batch_size, "max_gen_toks": args.max_gen_toks,
+            "weights": args.weights, "data_dir": str(data_dir),
+        })  # fmt: skip
+        tasks = resolve_tasks(names, data_dir, args.hub)
+        tm = load_task_manager(tasks, data_dir)
+    except HarnessError as e:
+        raise common.UsageError(str(e)) from None
     if not args.weights:
-        print(
-            "=" * 78 + "\nWARNING: no --weights given: the routing heads are UNTRAINED (random).\n"
-            "The ensemble's numbers say nothing about saLM; pass --weights PATH for trained heads.\n" + "=" * 78,
-            file=sys.stderr,
-        )
+        common.warn_untrained_heads("salm harness")
     state = process_state(args.device)
     device = str(state.device) if state is not None else args.device
     ensemble = load_ensemble(
         args.models, args.weights, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
-    parse_routing(args.routing, ensemble.infos)
-    settings = {
-        "routing": args.routing,
-        "num_fewshot": args.num_fewshot,
-        "fewshot_seed": args.fewshot_seed,
-        "limit": args.limit,
-        "batch_size": args.batch_size,
-        "max_gen_toks": args.max_gen_toks,
-        "weights": args.weights,
-        "data_dir": str(data_dir),
-    }
-    summary = run_harness(
-        ensemble, tasks, args.output_dir, settings, data_dir, args.only_ensemble, not args.no_plots, args.weights
-    )
+    try:
+        summary = run_harness(
+            ensemble, tasks, args.output_dir, settings, data_dir, args.only_ensemble, not args.no_plots, args.weights,
+            tm=tm,
+        )  # fmt: skip
+    except HarnessError as e:
+        raise common.UsageError(str(e)) from None
     if summary is not None:
         print(render_comparison(summary["comparison"], list(summary["models"]), settings))
         print(f"results in {args.output_dir} (comparison.md, comparison.json, <model>/results.json)")

@@ -230,7 +230,7 @@ def render_report(summary: Mapping[str, Any]) -> str:
     lines = ["# saLM evaluation report", ""]
     if not s.get("weights"):
         lines += [
-            "> **Untrained routing heads** (no `--model_weights`): the ensemble's numbers are not meaningful.",
+            "> **Untrained routing heads** (no `--weights`): the ensemble's numbers are not meaningful.",
             "",
         ]
     keys = [

@@ -109,6 +109,10 @@ class EvalSettings:
             problems.append(f"num_examples must be >= 0, got {self.num_examples}")
         if self.num_fewshot < 0:
             problems.append(f"num_fewshot must be >= 0, got {self.num_fewshot}")
+        try:  # it seeds decoding too: DecodeConfig's range, named as this setting
+            DecodeConfig(seed=self.random_seed).validate()
+        except GenerationError as e:
+            problems.append(f"random_seed: {e}")
         if not problems:  # types, NaN and the routing's syntax, before any member loads
             try:
                 self.decoding_for(d.routing).validate()

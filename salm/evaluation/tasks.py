@@ -180,8 +180,9 @@ class Task:
     fewshot: Mapping[str, Any] | None = None  # set by with_fewshot: k, seed, where shots come from, shot ids
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"task name {self.name!r} must be non-empty and usable as a folder name")
+        problem = task_name_problem(self.name)
+        if problem:
+            raise ValueError(f"task name {problem}")
         if self.scorer is not None and "correct" not in self.metrics.values():
             raise ValueError(f"task {self.name!r}: metrics must include the scorer's 'correct' key")
 
@@ -239,6 +240,13 @@ class TaskRegistry:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+def task_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a task (it is the task's folder in the output), or None if it can."""
+    if not name or "/" in name or name.startswith("."):
+        return f"{name!r} must be non-empty, hold no '/' and not start with '.': it is used as a folder name"
+    return None
 
 
 def generic_task(name: str, source: str | None = None, scorer: Scorer | None = score_auto, **kwargs: Any) -> Task:

@@ -1,5 +1,6 @@
 """saLM in lm-evaluation-harness: the ``salm`` model (:mod:`salm.harness.adapter`), offline copies of lm-eval's
-gsm8k / medqa_4options / boolq tasks (``tasks/``) and ``salm harness`` (:mod:`salm.harness.command`).
+gsm8k / medqa_4options / boolq tasks and the quickstart's arithmetic in gsm8k's shape (``tasks/``), and
+``salm harness`` (:mod:`salm.harness.command`).
 
 Importing this package does not import lm-eval (an optional extra: ``pip install "salm[harness]"``).
 """

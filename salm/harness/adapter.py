@@ -108,10 +108,12 @@ class SalmLM(TemplateLM):
             logger.warning("salm: ignoring unknown model arguments %s", sorted(kwargs))
         if str(batch_size).startswith("auto"):
             raise ValueError("salm: batch_size=auto is not supported; pass an integer batch size")
-        self._batch_size = int(batch_size or 8)
+        self._batch_size = 8 if batch_size is None else int(batch_size)  # 0 is an error, not the default
         if self._batch_size < 1:
             raise ValueError(f"salm: batch_size must be >= 1, got {batch_size}")
         self._max_gen_toks = int(max_gen_toks)
+        if self._max_gen_toks < 1:
+            raise ValueError(f"salm: max_gen_toks must be >= 1, got {max_gen_toks}")
         self.logits_cache = _bool(logits_cache)
         self.seed = int(seed)
         self._setup_distributed(device)

@@ -10,7 +10,9 @@ lm-eval's own ``results.json`` and per-task ``samples_<task>.jsonl``; for the ru
 
 Task names are lm-eval's. ``gsm8k``, ``medqa_4options`` and ``boolq`` run on the offline copies shipped in
 :mod:`salm.harness` (``*_local``) when the data folder holds them, unless ``--hub`` asks for lm-eval's own hub
-tasks; any other lm-eval task name is passed through unchanged.
+tasks; ``quickstart_arithmetic`` is the quickstart build's held-out arithmetic (the data folder: the build);
+any other lm-eval task name is passed through unchanged. Every task is checked and built before the members
+load (:func:`load_task_manager`).
 """
 
 from __future__ import annotations
@@ -36,33 +38,113 @@ PRIMARY_METRICS = {
     "medqa_4options_local": "acc,none",
     "boolq": "acc,none",
     "boolq_local": "acc,none",
+    "quickstart_arithmetic": "exact_match,strict-match",
 }
+GSM8K_LIKE = ("gsm8k", "gsm8k_local", "quickstart_arithmetic")  # also reported: flexible-extract (last number)
 
 
 class HarnessError(ValueError):
     """Bad ``salm harness`` input (the message names the flag)."""
 
 
+def check_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's settings checked, as they will run (recorded as such): raises :class:`HarnessError` naming
+    the flag. ``limit`` is lm-eval's: a whole number of documents, or a fraction (0, 1) of each task."""
+    import math
+
+    from salm.generation import GenerationError, parse_routing
+
+    out = dict(settings)
+    routing = out["routing"]
+    if routing.startswith("member:"):
+        raise HarnessError("--routing is the ensemble's; members are evaluated anyway")
+    try:
+        parse_routing(routing, [])
+    except GenerationError as e:
+        raise HarnessError(f"--routing: {e}") from None
+    for flag, low in (("num_fewshot", 0), ("batch_size", 1), ("max_gen_toks", 1)):
+        value = out[flag]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise HarnessError(f"--{flag} must be an integer >= {low}, got {value!r}")
+    limit = out["limit"]
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+            raise HarnessError(f"--limit must be a number of documents >= 1 or a fraction in (0, 1), got {limit!r}")
+        if limit >= 1:
+            if limit != int(limit):
+                raise HarnessError(f"--limit {limit}: a number of documents must be whole (a fraction must be < 1)")
+            limit = int(limit)
+        out["limit"] = limit
+    return out
+
+
 def resolve_tasks(names: Sequence[str], data_dir: Path, hub: bool = False) -> dict[str, str]:
-    """Requested name -> lm-eval task actually run (the offline copy where the data folder has it)."""
+    """Requested name -> lm-eval task actually run (the offline copy where the data folder has it).
+
+    An offline copy named directly (``gsm8k_local``, ``quickstart_arithmetic``) needs its files; an lm-eval name
+    with an offline copy falls back to lm-eval's hub task only where the hub can be reached (one probe of at
+    most a few seconds): offline, the error names the data folder and the files it should hold.
+    """
     from salm.harness import LOCAL_TASKS
-    from salm.harness.tasks.salm_local import missing_files
+    from salm.harness.tasks.salm_local import DATA_DIR_ENV, FILES, missing_files
+    from salm.members import prepare_hub
 
     out = {}
     for name in names:
-        local = LOCAL_TASKS.get(name)
-        if local and not hub and not missing_files(local, data_dir):
-            out[name] = local
-        else:
-            if local and not hub:
-                missing = ", ".join(map(str, missing_files(local, data_dir)))
-                print(
-                    f"salm harness: no local copy of {name} in {data_dir} ({missing} missing): "
-                    f"using lm-eval's hub task {name!r} (pass --data_dir to use a local copy)",
-                    file=sys.stderr,
-                )
+        direct = name in FILES  # an offline copy named directly: --hub does not apply to it
+        local = name if direct else (LOCAL_TASKS.get(name) if not hub else None)
+        if local is None:
             out[name] = name
+            continue
+        missing = missing_files(local, data_dir)
+        if not missing:
+            out[name] = local
+            continue
+        if direct or prepare_hub():
+            need = ", ".join(str(m.relative_to(data_dir)) for m in missing)
+            hub_way = "" if direct else f", or run where the Hugging Face hub is reachable (lm-eval's {name})"
+            raise HarnessError(
+                f"--tasks {name}: no local copy in {data_dir} (it needs {need} there); pass --data_dir DIR "
+                f"(or set {DATA_DIR_ENV}=DIR) holding them{hub_way}"
+            )
+        print(
+            f"salm harness: no local copy of {name} in {data_dir} ({', '.join(map(str, missing))} missing): "
+            f"using lm-eval's hub task {name!r} (pass --data_dir to use a local copy)",
+            file=sys.stderr,
+        )
+        out[name] = name
     return out
+
+
+def load_task_manager(tasks: Mapping[str, str], data_dir: Path) -> Any:
+    """lm-eval's task manager for ``tasks``, with every task built once (its data loaded) before any member
+    loads: an unknown name or data that cannot be loaded (offline, not cached) is a :class:`HarnessError` in
+    seconds, not a traceback after the members. When only offline copies are asked for, lm-eval's own task index
+    (seconds to build) is left out."""
+    import difflib
+
+    from salm.harness import task_manager
+    from salm.harness.tasks.salm_local import FILES
+
+    local_only = all(t in FILES for t in tasks.values())
+    tm = task_manager(data_dir, include_defaults=not local_only)
+    known = set(tm.all_tasks)
+    for requested, task in tasks.items():
+        if task not in known and not (task.endswith((".yaml", ".yml")) and Path(task).is_file()):
+            close = difflib.get_close_matches(task, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise HarnessError(
+                f"--tasks {requested}: unknown lm-eval task{hint}; `python -m salm.harness ls tasks` lists them"
+            )
+    try:
+        tm.load(list(tasks.values()))
+    except Exception as e:  # noqa: BLE001 - lm-eval and datasets raise many kinds; each means "cannot run it"
+        from salm.members import hub_offline
+
+        why = " ".join(f"{type(e).__name__}: {e}".split())
+        offline = " (the Hugging Face hub is offline: only cached datasets load)" if hub_offline() else ""
+        raise HarnessError(f"--tasks {', '.join(tasks)}: could not load the data{offline}: {why}") from None
+    return tm
 
 
 def primary_metric(task: str, results: Mapping[str, Any]) -> str | None:
@@ -100,7 +182,7 @@ def comparison(per_model: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, s
                 "ci_low": low,
                 "ci_high": high,
             }
-            if task == "gsm8k_local" or task == "gsm8k":
+            if task in GSM8K_LIKE:
                 flex = r.get("exact_match,flexible-extract")
                 entry["models"][name]["flexible"] = float(flex) if flex is not None else None
         members = {k: v["value"] for k, v in entry["models"].items() if k != ENSEMBLE}
@@ -117,6 +199,10 @@ def render_comparison(rows: Mapping[str, Any], models: Sequence[str], settings: 
         f"Routing of the ensemble: `{settings['routing']}`; members run as `member:<id>` through the same model "
         f"class. Few-shot: {settings['num_fewshot'] if settings['num_fewshot'] is not None else 'task default'} "
         f"(lm-eval fewshot seed {settings['fewshot_seed']}); limit: {settings['limit'] or 'none'}.",
+        f"Heads: `{settings['weights']}`."
+        if settings.get("weights")
+        else "**Heads: UNTRAINED (random initialisation; no --weights): the ensemble's numbers say nothing about "
+        "saLM.**",
         "Each cell: metric ± lm-eval's stderr [95% Wilson interval].",
         "",
         "| task (lm-eval task, metric) | n | " + " | ".join(models) + " | ensemble − best member |",
@@ -206,23 +292,24 @@ def run_harness(
     only_ensemble: bool = False,
     plots: bool = True,
     weights: str | None = None,
+    tm: Any = None,
 ) -> dict[str, Any] | None:
     """Evaluate the ensemble (``settings["routing"]``) and each member (``member:<id>``) with lm-eval; rank 0
-    writes the outputs and returns the comparison (other ranks return None)."""
+    writes the outputs and returns the comparison (other ranks return None). ``tm``: the task manager
+    :func:`load_task_manager` built (and checked the tasks with) before the members loaded."""
     import lm_eval
 
     from salm.evaluation.runner import heads_fingerprint
-    from salm.harness import LOCAL_TASKS, task_manager
     from salm.harness.adapter import SalmLM, process_state
 
     if ENSEMBLE in ensemble.model_ids:
         raise HarnessError(f"a member may not be called {ENSEMBLE!r}: that name is the ensemble's in the table")
+    settings = check_settings(settings)
     out = Path(output_dir)
     models = {ENSEMBLE: settings["routing"]}
     if not only_ensemble:
         models.update({mid: f"member:{mid}" for mid in ensemble.model_ids})
-    local_only = all(t in LOCAL_TASKS.values() for t in tasks.values())
-    tm = task_manager(data_dir, include_defaults=not local_only)
+    tm = tm if tm is not None else load_task_manager(tasks, data_dir)
     heads = heads_fingerprint(ensemble)
     per_model: dict[str, dict[str, Any]] = {}
     state = process_state()

@@ -28,9 +28,11 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ import torch
 
 from salm.io import atomic_write_json, cache_root
 from salm.members import ModelInfo, write_member_set
+
+logger = logging.getLogger(__name__)
 
 KNOWLEDGE_VERSION = 1
 """Bump whenever code changes what a build produces: new cache key."""
@@ -153,6 +157,13 @@ def recipe_hash(recipe: KnowledgeRecipe) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
+def say(message: str, progress: bool) -> None:
+    """A progress line of ``salm knowledge``: logged, and shown on stderr unless ``progress`` is off."""
+    logger.info(message)
+    if progress:
+        print(f"[salm knowledge] {message}", file=sys.stderr, flush=True)
+
+
 def _complete(root: Path, digest: str) -> bool:
     try:
         return json.loads((root / "build_report.json").read_text()).get("recipe_hash") == digest
@@ -167,8 +178,6 @@ def build_knowledge_members(
 
     Written into a temporary sibling folder renamed into place at the end, as the quickstart build is.
     """
-    from salm.quickstart.build import say
-
     digest = recipe_hash(recipe)
     target = Path(out_dir) if out_dir else cache_root() / "knowledge" / f"{recipe.size}-{digest}"
     if _complete(target, digest):
@@ -198,7 +207,7 @@ def build_knowledge_members(
 def _build_into(tmp: Path, recipe: KnowledgeRecipe, digest: str, progress: bool) -> dict[str, Any]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from salm.quickstart.build import TrainPhase, _token_stream, say, train_lm, train_tokenizer
+    from salm.quickstart.build import TrainPhase, _token_stream, train_lm, train_tokenizer
 
     t0 = time.perf_counter()
     facts = make_facts(recipe)
@@ -350,7 +359,6 @@ def run_knowledge(
 ) -> dict[str, Any]:
     """Build/reuse the members, train heads for each router variant with ``salm train``'s code, evaluate."""
     from salm.data import TrainingData
-    from salm.quickstart.build import say
     from salm.training import TrainConfig, train
 
     recipe = knowledge_recipe(size, seed)

@@ -21,6 +21,8 @@ FILES = {
     "gsm8k_local": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
     "medqa_4options_local": {"test": "medqa/test_4options.jsonl"},
     "boolq_local": {"validation": "boolq/validation.jsonl"},
+    # data folder: a quickstart build (``salm quickstart`` prints its members.yaml; the folder holding it)
+    "quickstart_arithmetic": {"train": "data/math_train.jsonl", "test": "data/math_test.jsonl"},
 }
 
 
@@ -101,3 +103,17 @@ def _boolq(row: dict[str, Any]) -> dict[str, Any]:
 def boolq(**metadata: Any):
     """BoolQ as super_glue/boolq: passage, question, label (1 = yes)."""
     return _build("boolq_local", _boolq, **metadata)
+
+
+def _seed_style(row: dict[str, Any]) -> dict[str, Any]:
+    """A GSM8K-style row as saLM's data loader renders it (:func:`salm.data.formats.row_to_example`): the prompt
+    template and the ``Reasoning: ...`` / ``Therefore, the answer is: N`` answer the quickstart members learned."""
+    from salm.data.formats import row_to_example
+
+    ex = row_to_example(row, dataset="quickstart_arithmetic", split="test", index=0)
+    return {"question": ex.question, "prompt": ex.prompt, "answer": ex.answer}
+
+
+def quickstart_arithmetic(**metadata: Any):
+    """The quickstart build's arithmetic train/test splits: question, prompt, answer (saLM's template)."""
+    return _build("quickstart_arithmetic", _seed_style, **metadata)
