@@ -367,7 +367,7 @@ class MultiModelWithScalarHeads(MemberForward, nn.Module):
     ) -> Iterator[TokenDecision]:
         """Yield one prompt's generated tokens as they are made (each with its member and routing
         probabilities); the settings are :meth:`generate`'s. Leaving the loop early stops decoding."""
-        from salm.generation import stream
+        from salm.streaming import stream
 
         return stream(
             self, prompt, config=config, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
