@@ -256,3 +256,48 @@ def test_untrained_heads_and_the_settings_that_ran_are_recorded(setup, tmp_path)
     assert "| quickstart_arithmetic (quickstart_arithmetic, exact_match,strict-match) | 2 |" in table
     assert main([*argv, "--weights", str(heads), "--output_dir", str(tmp_path / "trained")]) == 0
     assert f"Heads: `{heads}`." in (tmp_path / "trained" / "comparison.md").read_text()
+
+
+MY_TASK = """task: my_facts
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:\\n"
+target_delimiter: ""
+doc_to_choice: choices
+doc_to_target: label
+metric_list:
+  - metric: acc
+"""
+
+
+def test_tasks_of_your_own_from_include_path_and_members_reused_with_other_heads(setup, tmp_path, capsys):
+    """A task YAML of the user's own runs through --include_path (lm-eval's flag); a second run in the same folder
+    with other heads and routing reruns only the ensemble: the members' results do not depend on the heads."""
+    from salm.cli import main
+    from salm.ensemble import MultiModelWithScalarHeads
+
+    colours = ["red", "blue", "green", "black"]
+    rows = [{"question": f"What colour is thing {i}?", "choices": colours, "label": i % 4} for i in range(6)]
+    data = write_jsonl(tmp_path / "facts.jsonl", rows)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "my_facts.yaml").write_text(MY_TASK.format(path=data))
+    out = tmp_path / "run"
+    assert main(_argv(setup, out, "--tasks", "my_facts", "--include_path", str(tasks))) == 0
+    for name in ("ensemble", "tiny-0", "tiny-1"):
+        res = json.loads((out / name / "results.json").read_text())
+        assert res["n-samples"]["my_facts"]["effective"] == 6
+        assert all(len(r["filtered_resps"]) == 4 for r in _samples(out / name, "my_facts"))  # every choice scored
+    other = MultiModelWithScalarHeads(json.loads(setup[1].read_text())["members"], device="cpu", router="aware")
+    other = other.save_pretrained(tmp_path / "other-heads")
+    capsys.readouterr()
+    argv = _argv(setup, out, "--tasks", "my_facts", "--include_path", str(tasks), "--weights", str(other))
+    assert main([*argv, "--routing", "mixture"]) == 0
+    err = capsys.readouterr().err
+    assert "tiny-0: reusing" in err and "tiny-1: reusing" in err and "ensemble: reusing" not in err
+    assert main(_argv(setup, out, "--tasks", "my_facts", "--include_path", str(tmp_path / "nowhere"))) == 2
+    assert f"--include_path {tmp_path / 'nowhere'}: not a folder" in capsys.readouterr().err

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder of the local gsm8k/medqa/boolq copies, or a quickstart build for quickstart_arithmetic "
         "(default: $SALM_DATA_DIR, else ../shared/data)",
     )
+    parser.add_argument(
+        "--include_path", nargs="+", default=[], metavar="DIR",
+        help="folders of your own lm-eval task YAML files (lm-eval's --include_path); their tasks join --tasks",
+    )  # fmt: skip
     parser.add_argument("--hub", action="store_true", help="use lm-eval's own hub tasks even where a local copy exists")
     parser.add_argument("--no_plots", action="store_true")
     common.add_model_arguments(parser)
@@ -66,10 +70,10 @@ def run(args: argparse.Namespace) -> int:
         settings = check_settings({
             "routing": args.routing, "num_fewshot": args.num_fewshot, "fewshot_seed": args.fewshot_seed,
             "limit": args.limit, "batch_size": args.batch_size, "max_gen_toks": args.max_gen_toks,
-            "weights": args.weights, "data_dir": str(data_dir),
+            "weights": args.weights, "data_dir": str(data_dir), "include_path": [str(p) for p in args.include_path],
         })  # fmt: skip
         tasks = resolve_tasks(names, data_dir, args.hub)
-        tm = load_task_manager(tasks, data_dir)
+        tm = load_task_manager(tasks, data_dir, args.include_path)
     except HarnessError as e:
         raise common.UsageError(str(e)) from None
     if not args.weights:

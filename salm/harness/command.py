@@ -116,18 +116,21 @@ def resolve_tasks(names: Sequence[str], data_dir: Path, hub: bool = False) -> di
     return out
 
 
-def load_task_manager(tasks: Mapping[str, str], data_dir: Path) -> Any:
+def load_task_manager(tasks: Mapping[str, str], data_dir: Path, include_path: Sequence[str | Path] = ()) -> Any:
     """lm-eval's task manager for ``tasks``, with every task built once (its data loaded) before any member
     loads: an unknown name or data that cannot be loaded (offline, not cached) is a :class:`HarnessError` in
-    seconds, not a traceback after the members. When only offline copies are asked for, lm-eval's own task index
-    (seconds to build) is left out."""
+    seconds, not a traceback after the members. When every task is an offline copy or in ``include_path``,
+    lm-eval's own task index (seconds to build) is left out."""
     import difflib
 
     from salm.harness import task_manager
-    from salm.harness.tasks.salm_local import FILES
 
-    local_only = all(t in FILES for t in tasks.values())
-    tm = task_manager(data_dir, include_defaults=not local_only)
+    for folder in include_path:
+        if not Path(folder).is_dir():
+            raise HarnessError(f"--include_path {folder}: not a folder (of lm-eval task YAML files)")
+    tm = task_manager(data_dir, include_defaults=False, include_path=include_path)
+    if not all(t in tm.all_tasks for t in tasks.values()):
+        tm = task_manager(data_dir, include_defaults=True, include_path=include_path)
     known = set(tm.all_tasks)
     for requested, task in tasks.items():
         if task not in known and not (task.endswith((".yaml", ".yml")) and Path(task).is_file()):
@@ -262,9 +265,10 @@ def plot_comparison(rows: Mapping[str, Any], models: Sequence[str], members: Seq
 
 
 def _settings_key(settings: Mapping[str, Any], name: str, routing: str, heads: str, members: list[str]) -> str:
-    blob = json.dumps(
-        {**settings, "model": name, "routing": routing, "heads": heads, "members": members}, sort_keys=True
-    )
+    """What a model's results depend on; a member's do not depend on the heads or the ensemble's routing, so its
+    results are reused by a later run in the same folder with other heads."""
+    own = {k: v for k, v in settings.items() if name == ENSEMBLE or k not in ("weights", "routing")}
+    blob = json.dumps({**own, "model": name, "routing": routing, "heads": heads, "members": members}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
