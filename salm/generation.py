@@ -24,6 +24,9 @@ from salm.heads import heads_in_eval_mode
 from salm.members import ModelInfo, resolve_member_id
 
 ROUTING_MODES = ("argmax", "mixture", "threshold:<p>", "member:<id>")
+SEED_LIMIT = 2**63
+"""Seeds are ``0 <= seed < 2**63`` everywhere in saLM (decoding, evaluation, training, the server): torch's
+generators take 64-bit seeds, and one range stated once is easier to use than torch's signed-or-unsigned one."""
 
 
 class _FromConfig:
@@ -239,7 +242,7 @@ class DecodeConfig:
                 raise GenerationError(f"stop must be a string or a list of strings, got {stop!r}")
         if seed is not None and not _is_int(seed):
             raise GenerationError(f"seed must be an integer or None, got {seed!r}")
-        if seed is not None and not 0 <= seed < 2**63:  # torch's generators take a signed 64-bit seed
+        if seed is not None and not 0 <= seed < SEED_LIMIT:
             raise GenerationError(f"seed must be >= 0 and < 2**63, got {seed}")
         if self.cache_implementation not in ("dynamic", "static"):
             raise GenerationError(

@@ -187,8 +187,8 @@ def _post(server, path: str, body: dict, conn: http.client.HTTPConnection | None
 
 
 # ---------------------------------------------------------------------- bad seeds, internal errors: no reset
-@pytest.mark.parametrize("seed, ok", [(2**70, False), (2**64, False), (-(2**63) - 1, False), (2**64 - 1, True)])
-def test_seeds_outside_what_torch_takes_are_a_400_naming_seed(edge_server, seed, ok):
+@pytest.mark.parametrize("seed, ok", [(2**70, False), (2**63, False), (-1, False), (2**63 - 1, True)])
+def test_seeds_outside_salms_range_are_a_400_naming_seed(edge_server, seed, ok):
     conn = http.client.HTTPConnection("127.0.0.1", edge_server.port, timeout=30)
     body = {"model": "salm", "prompt": "x", "max_tokens": 2, "temperature": 1.0, "seed": seed}
     status, answer = _post(edge_server, "/v1/completions", body, conn)
@@ -197,7 +197,7 @@ def test_seeds_outside_what_torch_takes_are_a_400_naming_seed(edge_server, seed,
     else:
         assert status == 400 and answer["error"]["param"] == "seed", answer
     port = conn.sock.getsockname()[1]
-    status, answer = _post(edge_server, "/v1/completions", dict(body, seed=-(2**63)), conn)  # the lowest seed
+    status, answer = _post(edge_server, "/v1/completions", dict(body, seed=0), conn)  # the lowest seed
     assert status == 200, answer
     assert conn.sock.getsockname()[1] == port  # the same connection answered both
 

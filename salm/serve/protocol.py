@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from salm.generation import SEED_LIMIT
+
 _NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "n": (lambda v: v == 1, "only n=1 is supported; send one request per completion"),
     "presence_penalty": (lambda v: v == 0, "penalties are not supported; leave it at 0"),
@@ -25,9 +27,9 @@ _NO_OPS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 """OpenAI fields saLM accepts only at their no-op value: (is it the no-op?, the error naming what to do)."""
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
-"""The seeds accepted: every seed torch's generators take (a 64-bit integer, signed or not). OpenAI sets no
-range; outside this one seeding would fail inside the engine, so it is a 400 naming ``seed`` here."""
+SEED_MIN, SEED_MAX = 0, SEED_LIMIT - 1
+"""The seeds accepted: saLM's one seed range (:data:`salm.generation.SEED_LIMIT`). OpenAI sets no range; a
+seed outside it is a 400 naming ``seed`` here, before the request reaches the engine."""
 
 
 def _no_op_only(v: Any, info: ValidationInfo) -> Any:

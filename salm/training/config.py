@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from salm.generation import SEED_LIMIT
 from salm.heads import HeadConfig, HeadConfigError
 from salm.io import CACHE_ENV
 from salm.loss import LossConfig
@@ -69,7 +70,7 @@ class DataConfig:
         return [msg for ok, msg in checks if not ok]
 
 
-SEED_MAX = 2**63  # seeds are 0 <= seed < 2**63: torch takes 64-bit seeds, and each epoch draws with seed + epoch
+SEED_MAX = SEED_LIMIT  # salm.generation.SEED_LIMIT: one seed range everywhere
 
 
 @dataclass
