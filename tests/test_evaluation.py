@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from salm.data import DatasetUnavailableError, Example
-from salm.evaluation import runner
+from salm.evaluation import inputs, runner
 from salm.evaluation.analysis import (
     combine_teacher_forced,
     decision_patterns,
@@ -273,7 +273,7 @@ def test_unreachable_hub_names_the_flag(tiny_infos, tmp_path, monkeypatch, capsy
     def offline(source, split=None, name=None, **_):
         raise DatasetUnavailableError(f"could not load {source!r} from the hub")
 
-    monkeypatch.setattr(runner, "load_examples", offline)
+    monkeypatch.setattr(inputs, "load_examples", offline)
     members = write_member_set(tmp_path / "members.json", tiny_infos)
     rc = _cli(
         [
@@ -295,14 +295,14 @@ def test_unreachable_hub_names_the_flag(tiny_infos, tmp_path, monkeypatch, capsy
 
 
 def test_skipped_dataset_does_not_stop_the_others(tiny_infos, tmp_path, monkeypatch, capsys):
-    real = runner.load_examples
+    real = inputs.load_examples
 
     def hub_down(source, split=None, name=None, **kw):
         if not Path(source).is_file():
             raise DatasetUnavailableError("offline")
         return real(source, split=split, name=name, **kw)
 
-    monkeypatch.setattr(runner, "load_examples", hub_down)
+    monkeypatch.setattr(inputs, "load_examples", hub_down)
     data = tmp_path / "arith.jsonl"
     data.write_text(
         "".join(json.dumps({"question": ex.question, "answer": ex.answer}) + "\n" for ex in math_examples(3))

@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``salm evaluate`` / ``python evaluate.py``: the seed's flags plus offline data and decoding options."""
-    from salm.evaluation.runner import CHOICE_MODES, GENERATIONS_DIR, EvalSettings
+    from salm.evaluation.generations import GENERATIONS_DIR
+    from salm.evaluation.settings import CHOICE_MODES, EvalSettings
     from salm.evaluation.tasks import DEFAULT_TASKS
 
     d = EvalSettings()  # the defaults live there

@@ -226,110 +226,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 def render_report(summary: Mapping[str, Any]) -> str:
     """The run as markdown: settings, accuracy tables, loglik, routing patterns, teacher-forced NLLs, plots."""
-    s = summary["settings"]
-    lines = ["# saLM evaluation report", ""]
-    if not s.get("weights"):
-        lines += [
-            "> **Untrained routing heads** (no `--weights`): the ensemble's numbers are not meaningful.",
-            "",
-        ]
-    keys = [
-        "members",
-        "weights",
-        "heads",
-        "sample_size",
-        "random_seed",
-        "temperature",
-        "top_p",
-        "top_k",
-        "max_new_tokens",
-        "routing",
-        "batch_size",
-        "choice_mode",
-        "split",
-    ]
-    lines += _table(["setting", "value"], [[k, ", ".join(s[k]) if isinstance(s[k], list) else s[k]] for k in keys])
-    lines += [
-        "Every member is run through the ensemble's own generation code with `routing=member:<id>`: same",
-        "prompts, batches, decoding settings, seed and stopping rules. GSM8K's accuracy is strict match",
-        "(the stated answer); flexible (last number) is shown beside it. Log-likelihood scores of the",
-        "ensemble use the router-weighted mixture of the members' token probabilities.",
-        "",
-    ]
+    lines = ["# saLM evaluation report", ""] + _settings_section(summary["settings"])
     for name, r in summary["datasets"].items():
-        lines += [f"## {name} (n={r['n']})", ""]
-        base = [f"chance {_f(r.get('random_baseline'))}"] if r.get("random_baseline") is not None else []
-        if r.get("majority_baseline") is not None:
-            base.append(f"majority class {_f(r['majority_baseline'])}")
-        if base:
-            lines += ["Baselines: " + ", ".join(base) + ".", ""]
-        gen = {m: e["generative"] for m, e in r["models"].items() if "generative" in e}
-        if gen:
-            extra = [k for k in next(iter(gen.values()))["metrics"] if k != "accuracy"]
-            rows = [
-                [
-                    m,
-                    g["accuracy"],
-                    f"[{g['ci_low']:.3f}, {g['ci_high']:.3f}]",
-                    g["detection_rate"],
-                    *[g["metrics"][k]["accuracy"] for k in extra],
-                    g["mean_generated_tokens"],
-                ]
-                for m, g in gen.items()
-            ]
-            lines += ["Generative:", ""]
-            lines += _table(["model", "accuracy", "95% CI", "detection", *extra, "tokens/answer"], rows)
-        ll = {m: e["loglik"] for m, e in r["models"].items() if e.get("loglik")}
-        if ll:
-            variants = list(next(iter(ll.values())))
-            rows = [
-                [m, *[v for var in variants for v in (x[var]["acc"]["accuracy"], x[var]["acc_norm"]["accuracy"])]]
-                for m, x in ll.items()
-            ]
-            header = ["model", *[f"{var} {k}" for var in variants for k in ("acc", "acc_norm")]]
-            lines += ["Log-likelihood multiple choice:", ""] + _table(header, rows)
-        for mode, imp in (r.get("improvement_over_best") or {}).items():
-            lines += [
-                f"Ensemble vs best member ({mode}): {imp['best_member']} at {_f(imp['best_member_accuracy'])}, "
-                f"delta {imp['delta']:+.3f}.",
-                "",
-            ]
-        dp = r.get("decision_patterns") or {}
-        if dp.get("tokens"):
-            shares = ", ".join(f"{m} {v:.1%}" for m, v in dp["share"].items())
-            lines += [
-                f"Routing in generation ({dp['tokens']} tokens): {shares}; "
-                f"{dp['switches_per_100_tokens']:.1f} switches per 100 tokens; "
-                f"mean same-member run {dp['run_length']['mean']:.1f} tokens (max {dp['run_length']['max']}).",
-                "",
-            ]
-        tf = r.get("teacher_forced") or {}
-        if tf.get("tokens"):
-            rows = [[m, v] for m, v in tf["member_nll"].items()]
-            rows += [
-                ["ensemble (mixture)", tf["ensemble_nll"]],
-                ["argmax routing", tf["routed_nll"]],
-                ["oracle router", tf["oracle_nll"]],
-            ]
-            const = tf.get("constant_mixture")
-            if const:
-                weights = ", ".join(f"{m} {w:.2f}" for m, w in const["weights"].items())
-                rows.insert(len(tf["member_nll"]), [f"best constant mixture ({weights})", const["nll"]])
-            lines += [f"Teacher-forced on the gold answers ({tf['tokens']} tokens), NLL per token:", ""]
-            lines += _table(["model", "NLL/token"], rows)
-            lines += [
-                f"Router agrees with the oracle on {tf['router_agreement']:.1%} of tokens; captured share of "
-                f"the oracle's gain over {tf['best_member']}: {_f(tf['captured_share'], 2)}"
-                + (f" (best constant mixture, {const['fit']}: {_f(const['captured_share'], 2)})." if const else "."),
-                "",
-            ]
-            if tf.get("router_share"):
-                shares = ", ".join(f"{m} {v:.1%}" for m, v in tf["router_share"].items())
-                lines += [f"Argmax router's choice on the gold answers' tokens: {shares}.", ""]
-        lines += [
-            f"Files: [{name}/results.json]({name}/results.json), [{name}/predictions.jsonl]({name}/predictions.jsonl)",
-            "",
-        ]
+        lines += _dataset_section(name, r)
     if summary.get("skipped"):
         lines += ["## Skipped datasets", ""] + [f"- {m}" for m in summary["skipped"].values()] + [""]
     plots = summary.get("plots") or {}
@@ -338,3 +237,132 @@ def render_report(summary: Mapping[str, Any]) -> str:
     if summary.get("examples_html"):
         lines += [f"Coloured example generations: [{summary['examples_html']}]({summary['examples_html']})", ""]
     return "\n".join(lines)
+
+
+_SETTING_KEYS = (
+    "members",
+    "weights",
+    "heads",
+    "sample_size",
+    "random_seed",
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "routing",
+    "batch_size",
+    "choice_mode",
+    "split",
+)
+
+
+def _settings_section(s: Mapping[str, Any]) -> list[str]:
+    """The untrained-heads warning, the settings table and how the comparison is kept fair."""
+    lines = []
+    if not s.get("weights"):
+        lines += [
+            "> **Untrained routing heads** (no `--weights`): the ensemble's numbers are not meaningful.",
+            "",
+        ]
+    rows = [[k, ", ".join(s[k]) if isinstance(s[k], list) else s[k]] for k in _SETTING_KEYS]
+    lines += _table(["setting", "value"], rows)
+    return lines + [
+        "Every member is run through the ensemble's own generation code with `routing=member:<id>`: same",
+        "prompts, batches, decoding settings, seed and stopping rules. GSM8K's accuracy is strict match",
+        "(the stated answer); flexible (last number) is shown beside it. Log-likelihood scores of the",
+        "ensemble use the router-weighted mixture of the members' token probabilities.",
+        "",
+    ]
+
+
+def _dataset_section(name: str, r: Mapping[str, Any]) -> list[str]:
+    """One dataset: baselines, the generative and log-likelihood tables, the ensemble against the best member,
+    routing in generation, teacher-forced NLLs and links to its files."""
+    lines = [f"## {name} (n={r['n']})", ""]
+    base = [f"chance {_f(r.get('random_baseline'))}"] if r.get("random_baseline") is not None else []
+    if r.get("majority_baseline") is not None:
+        base.append(f"majority class {_f(r['majority_baseline'])}")
+    if base:
+        lines += ["Baselines: " + ", ".join(base) + ".", ""]
+    lines += _generative_table(r) + _loglik_table(r)
+    for mode, imp in (r.get("improvement_over_best") or {}).items():
+        lines += [
+            f"Ensemble vs best member ({mode}): {imp['best_member']} at {_f(imp['best_member_accuracy'])}, "
+            f"delta {imp['delta']:+.3f}.",
+            "",
+        ]
+    dp = r.get("decision_patterns") or {}
+    if dp.get("tokens"):
+        shares = ", ".join(f"{m} {v:.1%}" for m, v in dp["share"].items())
+        lines += [
+            f"Routing in generation ({dp['tokens']} tokens): {shares}; "
+            f"{dp['switches_per_100_tokens']:.1f} switches per 100 tokens; "
+            f"mean same-member run {dp['run_length']['mean']:.1f} tokens (max {dp['run_length']['max']}).",
+            "",
+        ]
+    lines += _teacher_forced_section(r.get("teacher_forced") or {})
+    return lines + [
+        f"Files: [{name}/results.json]({name}/results.json), [{name}/predictions.jsonl]({name}/predictions.jsonl)",
+        "",
+    ]
+
+
+def _generative_table(r: Mapping[str, Any]) -> list[str]:
+    gen = {m: e["generative"] for m, e in r["models"].items() if "generative" in e}
+    if not gen:
+        return []
+    extra = [k for k in next(iter(gen.values()))["metrics"] if k != "accuracy"]
+    rows = [
+        [
+            m,
+            g["accuracy"],
+            f"[{g['ci_low']:.3f}, {g['ci_high']:.3f}]",
+            g["detection_rate"],
+            *[g["metrics"][k]["accuracy"] for k in extra],
+            g["mean_generated_tokens"],
+        ]
+        for m, g in gen.items()
+    ]
+    return ["Generative:", ""] + _table(["model", "accuracy", "95% CI", "detection", *extra, "tokens/answer"], rows)
+
+
+def _loglik_table(r: Mapping[str, Any]) -> list[str]:
+    ll = {m: e["loglik"] for m, e in r["models"].items() if e.get("loglik")}
+    if not ll:
+        return []
+    variants = list(next(iter(ll.values())))
+    rows = [
+        [m, *[v for var in variants for v in (x[var]["acc"]["accuracy"], x[var]["acc_norm"]["accuracy"])]]
+        for m, x in ll.items()
+    ]
+    header = ["model", *[f"{var} {k}" for var in variants for k in ("acc", "acc_norm")]]
+    return ["Log-likelihood multiple choice:", ""] + _table(header, rows)
+
+
+def _teacher_forced_section(tf: Mapping[str, Any]) -> list[str]:
+    """NLL per gold token of each member, the mixture, argmax routing, the oracle and the best constant
+    mixture; how much of the oracle's gain the router captures."""
+    if not tf.get("tokens"):
+        return []
+    rows = [[m, v] for m, v in tf["member_nll"].items()]
+    rows += [
+        ["ensemble (mixture)", tf["ensemble_nll"]],
+        ["argmax routing", tf["routed_nll"]],
+        ["oracle router", tf["oracle_nll"]],
+    ]
+    const = tf.get("constant_mixture")
+    if const:
+        weights = ", ".join(f"{m} {w:.2f}" for m, w in const["weights"].items())
+        rows.insert(len(tf["member_nll"]), [f"best constant mixture ({weights})", const["nll"]])
+    lines = [f"Teacher-forced on the gold answers ({tf['tokens']} tokens), NLL per token:", ""]
+    lines += _table(["model", "NLL/token"], rows)
+    lines += [
+        f"Router agrees with the oracle on {tf['router_agreement']:.1%} of tokens; captured share of "
+        f"the oracle's gain over {tf['best_member']}: {_f(tf['captured_share'], 2)}"
+        + (f" (best constant mixture, {const['fit']}: {_f(const['captured_share'], 2)})." if const else "."),
+        "",
+    ]
+    if tf.get("router_share"):
+        shares = ", ".join(f"{m} {v:.1%}" for m, v in tf["router_share"].items())
+        lines += [f"Argmax router's choice on the gold answers' tokens: {shares}.", ""]
+    return lines

@@ -303,7 +303,7 @@ def run_harness(
     :func:`load_task_manager` built (and checked the tasks with) before the members loaded."""
     import lm_eval
 
-    from salm.evaluation.runner import heads_fingerprint
+    from salm.evaluation.generations import heads_fingerprint
     from salm.harness.adapter import SalmLM, process_state
 
     if ENSEMBLE in ensemble.model_ids:
