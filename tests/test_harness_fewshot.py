@@ -83,3 +83,18 @@ def test_every_model_gets_the_same_fewshot_prompt_and_it_is_recorded(tiny_ensemb
         assert [r["output"] for r in rows if r["model"] == name] == want
     zero = evaluate(tiny_ensemble, [(task, pool)], tmp_path / "zero", replace(settings, num_fewshot=0))
     assert zero["datasets"]["arith"]["task"]["fewshot"] is None
+
+
+def test_prepared_tasks_keep_their_shots_through_evaluate(tiny_ensemble, tmp_path):
+    """``salm evaluate`` prepares its tasks (shots included) before loading members, then hands them to
+    ``evaluate``: the shots must survive (they were drawn again from an empty pool, so every dataset was skipped
+    and the run exited 0 having evaluated nothing)."""
+    path = tmp_path / "arith.jsonl"
+    path.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in _examples(10)))
+    settings = EvalSettings(sample_size=3, num_fewshot=2, random_seed=5, decode=DecodeConfig(max_new_tokens=3,
+                            temperature=0), progress=False, plots=False, teacher_forced=False)  # fmt: skip
+    runs, skipped = prepare_tasks(["arith"], settings, {"arith": str(path)})
+    assert not skipped
+    summary = evaluate(tiny_ensemble, runs, tmp_path / "out", settings)
+    assert "arith" in summary["datasets"] and not summary.get("skipped")
+    assert summary["datasets"]["arith"]["task"]["fewshot"] == runs[0][0].describe()["fewshot"]

@@ -106,7 +106,7 @@ def prepare_tasks(
         if not examples:
             skipped[task.name] = f"{task.name}: no usable examples"
             continue
-        if settings.num_fewshot:
+        if settings.num_fewshot and not task.fewshot:  # a prepared task (salm evaluate's) carries its shots
             try:
                 task = _fewshot_task(task, examples, usable, settings, given is None)
             except ValueError as e:
