@@ -88,7 +88,7 @@ def _finetune(cfg: FinetuneConfig, stop_after_step: int | None, t_start: float) 
     pad_id = tokenizer.pad_token_id
     if evaluation is not None and progress.eval_before is None:
         progress.eval_before = eval_loss(model, evaluation.split, cfg.batch_size, pad_id)
-    t_train, tokens_run = time.perf_counter(), 0
+    t_train = time.perf_counter()
     tokens_run = optimise(cfg, model, optimizer, scheduler, train.split, plan, progress, view, stop_after_step, pad_id)
     train_s = time.perf_counter() - t_train
     if progress.step < plan.total:  # stopped on request: as a kill would, write nothing more
@@ -153,7 +153,7 @@ def optimise(
             rows = step_rows(step, plan, cfg.seed)
             n_targets = sum(split.n_positions[i] for i in rows)
             optimizer.zero_grad(set_to_none=True)
-            nll_sum, step_tokens = 0.0, 0
+            t_step, cpu_step, nll_sum, step_tokens = time.perf_counter(), time.process_time(), 0.0, 0
             for start in range(0, len(rows), cfg.batch_size):
                 ids, mask, labels = collate(split, rows[start : start + cfg.batch_size], pad_id)
                 nll = _nll_sum(model, ids.to(device), mask.to(device), labels.to(device))
@@ -172,7 +172,9 @@ def optimise(
             progress.step = step + 1
             tokens += step_tokens
             progress.curve.append({"step": progress.step, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                                   "tokens": step_tokens, "loss_tokens": n_targets})  # fmt: skip
+                                   "tokens": step_tokens, "loss_tokens": n_targets,
+                                   "seconds": round(time.perf_counter() - t_step, 3),
+                                   "cpu_seconds": round(time.process_time() - cpu_step, 3)})  # fmt: skip
             rate = tokens / max(time.perf_counter() - t0, 1e-9)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
