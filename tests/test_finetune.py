@@ -224,3 +224,18 @@ def test_the_command_prints_and_writes_the_member_entry(base, data, tmp_path, ca
     write_member_entry(members, {**printed, "adapter": "elsewhere"})
     ids = [m["id"] for m in yaml.safe_load(members.read_text())["members"]]
     assert ids == ["tiny-0", "code", "math"]
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(cfg, **kw):
+        (cfg.out / "checkpoint").mkdir(parents=True)
+        (cfg.out / "checkpoint" / "state.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("salm.finetune.finetune", interrupted)
+    out = tmp_path / "out"
+    rc, err = run_cli(["--base", str(tmp_path), "--data", "x.txt", "--output_dir", str(out)], capsys)
+    assert rc == 130
+    assert err == (
+        f"the same command with --resume continues from the checkpoint in {out}\nsalm finetune: interrupted\n"
+    )

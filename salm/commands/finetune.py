@@ -68,11 +68,18 @@ def run(args: argparse.Namespace) -> int:
     from salm.finetune import FinetuneError, finetune
     from salm.io import OutputLockedError
 
+    cfg = config_from_args(args)
     try:
-        result = finetune(config_from_args(args))
+        result = finetune(cfg)
     except (FinetuneError, TokenizationError, OutputLockedError, FileNotFoundError, IsADirectoryError) as e:
         print(f"salm finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from salm.finetune import checkpoint
+
+        if checkpoint.exists(cfg.out):
+            print(f"the same command with --resume continues from the checkpoint in {cfg.out}", file=sys.stderr)
+        raise
     report = result.report or {}
     ev = report.get("eval_loss")
     summary = f"adapter in {result.adapter_dir} ({result.steps} steps, {report.get('tokens_seen')} tokens"
