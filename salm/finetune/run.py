@@ -98,9 +98,23 @@ def _finetune(cfg: FinetuneConfig, stop_after_step: int | None, t_start: float) 
     entry = member_entry(cfg.adapter_member_id(), cfg.base, adapter)
     if cfg.members_out:
         write_member_entry(cfg.members_out, entry, base_id=_base_id(cfg.base))
+    timing = {"load_s": load_s, "train_s": train_s, "total_s": time.perf_counter() - t_start}
+    report = _report(cfg, model, train, evaluation, plan, progress, eval_after, entry, timing, tokens_run)
+    return FinetuneResult(cfg.out, progress.step, plan.total, adapter, entry, report, model)
+
+
+def _report(
+    cfg: FinetuneConfig, model: Any, train: FinetuneData, evaluation: FinetuneData | None, plan: _Plan,
+    progress: checkpoint.Progress, eval_after: float | None, entry: dict[str, Any], timing: dict[str, float],
+    tokens_run: int,
+) -> dict[str, Any]:  # fmt: skip
+    """``finetune_report.json``: the settings, the data, the loss curve, the held-out loss and the timing."""
+    from salm.io import atomic_write_json
+
+    train_s = timing["train_s"]
     report = {
         "settings": cfg.settings(),
-        "adapter": str(adapter),
+        "adapter": entry["adapter"],
         "member": entry,
         "data": {"train": train.sources, "eval": evaluation.sources if evaluation else []},
         "steps": {
@@ -109,23 +123,19 @@ def _finetune(cfg: FinetuneConfig, stop_after_step: int | None, t_start: float) 
             "rows_per_step": plan.per_step,
             "resumed_from": progress.resumed_from,
         },  # fmt: skip
-        "trainable_parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "tokens_seen": sum(r["tokens"] for r in progress.curve),
         "loss_tokens_seen": sum(r["loss_tokens"] for r in progress.curve),
         "loss_curve": progress.curve,
         "eval_loss": {"before": progress.eval_before, "after": eval_after} if evaluation else None,
         "timing": {
-            "load_s": round(load_s, 3),
-            "train_s": round(train_s, 3),
-            "total_s": round(time.perf_counter() - t_start, 3),
+            **{k: round(v, 3) for k, v in timing.items()},
             "tokens_per_s": round(tokens_run / train_s, 2) if train_s > 0 and tokens_run else None,
-        },  # fmt: skip
+        },
         "versions": _versions(),
     }
-    from salm.io import atomic_write_json
-
     atomic_write_json(cfg.out / REPORT, report)
-    return FinetuneResult(cfg.out, progress.step, plan.total, adapter, entry, report, model)
+    return report
 
 
 def step_rows(step: int, plan: _Plan, seed: int) -> list[int]:
