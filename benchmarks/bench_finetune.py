@@ -3,8 +3,9 @@
 Speed: the real base (default the hub's Qwen/Qwen2.5-Coder-0.5B-Instruct; pass a local folder with --base), LoRA
 r=16 on every attention and MLP projection, batch 4 x 256 tokens (packed text windows of GSM8K solutions, so
 every step is exactly 1024 tokens), --steps optimizer steps per dtype through ``salm.finetune.finetune`` itself.
-Each dtype runs in its own process (its own peak RSS), bf16 and fp32 alternating over --repeats; tokens/s is
-1024 / the median step time, the first step of each process left out (allocation warm-up).
+Each variant (bf16, fp32, bf16 with --gradient_checkpointing) runs in its own process (its own peak RSS), the
+order rotated over --repeats; tokens/s is 1024 / the median step time, the first step of each process left out
+(allocation warm-up); on a shared machine the step's CPU time gives what the cores alone would do.
 
 GSM8K mini-run (--gsm8k): the first --train_rows rows of GSM8K's train split as question/answer data (loss on
 the answer, in saLM's prompt and answer format), the held-out loss measured on the split's last --eval_rows rows
@@ -67,16 +68,21 @@ def solutions_text(path: Path, folder: Path, chars: int) -> Path:
     return out
 
 
+VARIANTS = ("bfloat16", "float32", "bfloat16+checkpointing")
+
+
 def one_speed_run(args: argparse.Namespace) -> dict[str, Any]:
-    """One dtype, in this process: ``--steps`` steps of batch 4 x 256 tokens."""
+    """One variant (a dtype, + gradient checkpointing), in this process: ``--steps`` steps of batch 4 x 256 tokens."""
     from salm.finetune import FinetuneConfig, finetune
+
+    dtype, _, extra = args.one.partition("+")
 
     with tempfile.TemporaryDirectory() as tmp:
         text = solutions_text(args.gsm8k_file, Path(tmp), chars=args.steps * 4 * 256 * 6)
         cfg = FinetuneConfig(
             base=args.base, data=[str(text)], output_dir=str(Path(tmp) / "out"), lora_r=16, lora_alpha=32.0,
-            target_modules=TARGETS, max_steps=args.steps, batch_size=4, max_length=256, dtype=args.one,
-            save_every=10**6, progress=False,
+            target_modules=TARGETS, max_steps=args.steps, batch_size=4, max_length=256, dtype=dtype,
+            gradient_checkpointing=extra == "checkpointing", save_every=10**6, progress=False,
         )  # fmt: skip
         window = Contention()
         result = finetune(cfg)
@@ -89,7 +95,7 @@ def one_speed_run(args: argparse.Namespace) -> dict[str, Any]:
     timed, cpu_timed = steps[1:] or steps, cpu[1:] or cpu
     cores = core_count()
     return {
-        "dtype": args.one,
+        "variant": args.one,
         "step_seconds": steps,
         "step_cpu_seconds": cpu,
         "median_step_s_after_first": round(median(timed), 3),
@@ -106,11 +112,11 @@ def one_speed_run(args: argparse.Namespace) -> dict[str, Any]:
 
 def speed(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
+    variants = list(args.variants)
     for r in range(args.repeats):
-        order = ["bfloat16", "float32"] if r % 2 == 0 else ["float32", "bfloat16"]
-        for dtype in order:
-            log(f"repeat {r + 1}: {dtype}, {args.steps} steps (load average {load_average()})")
-            cmd = [sys.executable, __file__, "--one", dtype, "--base", args.base, "--steps", str(args.steps),
+        for variant in variants[r % len(variants) :] + variants[: r % len(variants)]:  # rotated between repeats
+            log(f"repeat {r + 1}: {variant}, {args.steps} steps (load average {load_average()})")
+            cmd = [sys.executable, __file__, "--one", variant, "--base", args.base, "--steps", str(args.steps),
                    "--gsm8k_file", str(args.gsm8k_file)]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
@@ -118,8 +124,8 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             log(f"  {runs[-1]['tokens_per_s']} tokens/s, steps {runs[-1]['step_seconds']}")
     idle = f"tokens_per_s_if_{core_count()}_cores_were_ours"
-    by = {d: [x["tokens_per_s"] for x in runs if x["dtype"] == d] for d in ("bfloat16", "float32")}
-    by_cpu = {d: [x[idle] for x in runs if x["dtype"] == d] for d in ("bfloat16", "float32")}
+    by = {v: [x["tokens_per_s"] for x in runs if x["variant"] == v] for v in variants}
+    by_cpu = {v: [x[idle] for x in runs if x["variant"] == v] for v in variants}
     return {
         "setup": "LoRA r=16, alpha 32, every attention and MLP projection; batch 4 x 256 tokens (packed text); "
         "AdamW; tokens/s = 1024 / median step time (first step of each process left out); "
@@ -127,6 +133,7 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
         "runs": runs,
         "tokens_per_s": {d: median(v) for d, v in by.items()},
         idle: {d: median(v) for d, v in by_cpu.items()},
+        "peak_rss_gib": {v: max(x["peak_rss_gib"] for x in runs if x["variant"] == v) for v in variants},
         "bf16_over_fp32": round(median(by["bfloat16"]) / median(by["float32"]), 3),
         "bf16_over_fp32_cpu_time": round(median(by_cpu["bfloat16"]) / median(by_cpu["float32"]), 3),
     }
@@ -172,7 +179,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per speed run")
-    p.add_argument("--repeats", type=int, default=1, help="speed runs per dtype (alternating order)")
+    p.add_argument("--repeats", type=int, default=1, help="speed runs per variant (order rotated between repeats)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--gsm8k_file", type=Path, default=GSM8K)
     p.add_argument("--gsm8k", action="store_true", help="also the GSM8K mini-run")
     p.add_argument("--no_speed", action="store_true", help="skip the speed runs (keep the file's)")

@@ -115,6 +115,24 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(base, data, tmp_path):
         finetune(config(base, data, tmp_path / "parts", resume=True, **{**kw, "lora_r": 8}))
 
 
+def test_gradient_checkpointing_trains_the_same_adapter(base, data, tmp_path):
+    """Recomputed activations (dropout replayed from the saved RNG state) give the very same steps, which is why
+    a run may resume with it switched on."""
+    from safetensors.torch import load_file
+
+    from salm.finetune import finetune
+
+    kw = dict(max_steps=3, lora_dropout=0.2)
+    plain = finetune(config(base, data, tmp_path / "plain", **kw))
+    saved = finetune(config(base, data, tmp_path / "gc", gradient_checkpointing=True, **kw))
+    assert (
+        saved.model.get_base_model().is_activation_checkpointing
+        and not plain.model.get_base_model().is_activation_checkpointing
+    )
+    a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (plain, saved))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qa_labels_mask_the_prompt_and_text_trains_on_every_token(base, data, tiny_tokenizer):
     from salm.data import load_examples
     from salm.finetune.config import FinetuneConfig
@@ -195,14 +213,14 @@ def test_every_config_field_is_a_flag_that_reaches_the_config(tmp_path):
             "--target_modules", "q_proj", "v_proj", "--learning_rate", "0.001", "--num_epochs", "3",
             "--max_steps", "7", "--batch_size", "2", "--grad_accum", "3", "--warmup_steps", "1",
             "--max_length", "128", "--max_examples", "50", "--loss_on", "all", "--seed", "5", "--dtype", "float32",
-            "--device", "cpu", "--save_every", "4", "--resume", "--trust_remote_code", "--revision", "v1",
-            "--member_id", "mine", "--members_out", "m.json", "--no_progress"]  # fmt: skip
+            "--device", "cpu", "--gradient_checkpointing", "--save_every", "4", "--resume", "--trust_remote_code",
+            "--revision", "v1", "--member_id", "mine", "--members_out", "m.json", "--no_progress"]  # fmt: skip
     assert config_from_args(parser.parse_args(argv)) == FinetuneConfig(
         base="org/model", data=["a.txt", "b.jsonl"], output_dir="o", eval_data=["e.jsonl"], lora_r=8, lora_alpha=4.0,
         lora_dropout=0.1, target_modules=["q_proj", "v_proj"], learning_rate=0.001, num_epochs=3, max_steps=7,
         batch_size=2, grad_accum=3, warmup_steps=1, max_length=128, max_examples=50, loss_on="all", seed=5,
-        dtype="float32", device="cpu", save_every=4, resume=True, trust_remote_code=True, revision="v1",
-        member_id="mine", members_out="m.json", progress=False,
+        dtype="float32", device="cpu", gradient_checkpointing=True, save_every=4, resume=True,
+        trust_remote_code=True, revision="v1", member_id="mine", members_out="m.json", progress=False,
     )  # fmt: skip
 
 

@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="the base's dtype (adapters: fp32)")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true",
+        help="recompute activations in the backward pass: much less memory, about a third slower",
+    )  # fmt: skip
     parser.add_argument("--device", default=None, help="cuda, cpu or mps (default: best available)")
     parser.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint every N steps")
     parser.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoint")

@@ -54,6 +54,7 @@ class FinetuneConfig:
     loss_on: str = "answer"  # question/answer data: the answer tokens, or "all" of the text
     seed: int = 42
     dtype: str = "bfloat16"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: far less memory, slower
     device: str | None = None
     save_every: int = 10  # checkpoint every N optimizer steps
     resume: bool = False
@@ -77,8 +78,10 @@ class FinetuneConfig:
     def resume_keys() -> tuple[str, ...]:
         """Settings a resumed run must share with its checkpoint: all that changes the adapter's trajectory."""
         # The data count by content (the checkpoint records its hash), not by where the files are.
-        off = {"data", "eval_data", "output_dir", "device", "save_every", "resume", "member_id", "members_out",
-               "progress"}  # fmt: skip
+        # Checkpointed activations give the same gradients, so a run may resume with them on after running out
+        # of memory.
+        off = {"data", "eval_data", "output_dir", "device", "gradient_checkpointing", "save_every", "resume",
+               "member_id", "members_out", "progress"}  # fmt: skip
         return tuple(f.name for f in fields(FinetuneConfig) if f.name not in off)
 
     def problems(self) -> list[str]:

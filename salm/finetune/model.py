@@ -66,6 +66,12 @@ def load_lora_model(cfg: FinetuneConfig, device: torch.device) -> Any:
 
     model = load_member_model(base_info(cfg), device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
     check_targets(model, list(cfg.target_modules), cfg.base)
+    if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen embedding, replays dropout's RNG exactly
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     lora = peft.LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

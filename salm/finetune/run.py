@@ -200,7 +200,7 @@ def optimise(
 
 def _nll_sum(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token NLL over the labelled positions, in fp32 whatever the model's dtype."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     return torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
     )
