@@ -188,6 +188,19 @@ def test_bad_inputs_are_one_line_errors_before_loading(base, data, tmp_path, cap
     rc, err = run_cli(["--data", str(data["qa"]), "--lora_r", "-1", "--base", "nobody/no-such-model"], capsys)
     assert (rc, err) == (2, "salm finetune: error: --lora_r must be >= 1, got -1\n")
 
+    # a hub id that is not cached, offline (the tests run with HF_HUB_OFFLINE=1); a folder that is no model
+    rc, err = run_cli(["--data", str(data["qa"]), *common, "--base", "nobody/no-such-model"], capsys)
+    assert (rc, err) == (2, "salm finetune: error: --base nobody/no-such-model is not in the local Hugging Face "
+                         "cache and the hub is offline or unreachable: pass a local model folder (download it once "
+                         "where the hub is reachable: hf download nobody/no-such-model --local-dir DIR)\n")  # fmt: skip
+    rc, err = run_cli(["--data", str(data["qa"]), *common, "--base", str(tmp_path)], capsys)
+    assert (rc, err) == (2, f"salm finetune: error: --base {tmp_path} is not a model folder (config.json, weights, "
+                         "tokenizer)\n")  # fmt: skip
+    (tmp_path / "config.json").write_text("{}")  # a folder that looks like a model but is none
+    rc, err = run_cli(["--data", str(data["qa"]), *common, "--base", str(tmp_path)], capsys)
+    assert rc == 2 and err.startswith(f"salm finetune: error: --base: could not load the tokenizer from {tmp_path}: ")
+    assert err.count("\n") == 1
+
     monkeypatch.setitem(__import__("sys").modules, "peft", None)  # as if peft were not installed
     rc, err = run_cli(["--data", str(data["qa"]), *common], capsys)
     assert (rc, err) == (2, 'salm finetune: error: the peft package is missing: pip install -e ".[finetune]"\n')

@@ -133,7 +133,7 @@ class FinetuneConfig:
 
             read_member_entries(Path(self.members_out).expanduser())  # an unreadable file fails now, not at the end
         base = Path(self.base).expanduser()
-        if (base.exists() or self.base.startswith((".", "/", "~"))) and not base.is_dir():
+        if (base.exists() or self.base.startswith((".", "/", "~"))) and not (base / "config.json").is_file():
             raise FinetuneError(f"--base {self.base} is not a model folder (config.json, weights, tokenizer)")
         from salm.members import resolve_device
 

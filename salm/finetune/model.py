@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +31,30 @@ def base_info(cfg: FinetuneConfig) -> Any:
     return ModelInfo(id="base", name=cfg.base, path=cfg.base, revision=cfg.revision)
 
 
+@contextlib.contextmanager
+def base_errors(cfg: FinetuneConfig) -> Iterator[None]:
+    """A base that cannot load is a FinetuneError naming ``--base`` (the members' messages name a member and
+    suggest ``--models``, which this command does not have)."""
+    from salm.members import MemberError, hub_offline
+
+    try:
+        yield
+    except MemberError as e:
+        if hub_offline() and not Path(cfg.base).expanduser().exists():
+            raise FinetuneError(
+                f"--base {cfg.base} is not in the local Hugging Face cache and the hub is offline or unreachable: "
+                f"pass a local model folder (download it once where the hub is reachable: hf download {cfg.base} "
+                "--local-dir DIR)"
+            ) from None
+        message = " ".join(line.strip() for line in str(e).splitlines())  # library errors run over lines
+        raise FinetuneError(message.replace("member 'base': ", "--base: ", 1)) from None
+
+
 def load_tokenizer(cfg: FinetuneConfig) -> Any:
     from salm.members import load_tokenizer as load_member_tokenizer
 
-    tokenizer = load_member_tokenizer(base_info(cfg), trust_remote_code=cfg.trust_remote_code)
+    with base_errors(cfg):
+        tokenizer = load_member_tokenizer(base_info(cfg), trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:  # padding positions are masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -64,7 +87,8 @@ def load_lora_model(cfg: FinetuneConfig, device: torch.device) -> Any:
     peft = require_peft()
     from salm.members import load_member_model
 
-    model = load_member_model(base_info(cfg), device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
+    with base_errors(cfg):
+        model = load_member_model(base_info(cfg), device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
     check_targets(model, list(cfg.target_modules), cfg.base)
     if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen embedding, replays dropout's RNG exactly
         kwargs = {"use_reentrant": False}
