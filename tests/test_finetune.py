@@ -206,6 +206,13 @@ def test_bad_inputs_are_one_line_errors_before_loading(base, data, tmp_path, cap
     assert (rc, err) == (2, 'salm finetune: error: the peft package is missing: pip install -e ".[finetune]"\n')
 
 
+def test_the_library_refuses_a_string_where_a_list_belongs(base, data, tmp_path):
+    from salm.finetune import FinetuneError, finetune
+
+    with pytest.raises(FinetuneError, match=r"^--target_modules must be a list of names, got 'all-linear'$"):
+        finetune(config(base, data, tmp_path / "out", target_modules="all-linear"))
+
+
 def test_every_config_field_is_a_flag_that_reaches_the_config(tmp_path):
     from dataclasses import fields
 
@@ -238,14 +245,18 @@ def test_every_config_field_is_a_flag_that_reaches_the_config(tmp_path):
 
 
 def test_the_command_prints_and_writes_the_member_entry(base, data, tmp_path, capsys):
-    from salm.finetune import member_entry, write_member_entry
+    from salm.finetune import DEFAULT_TARGET_MODULES, member_entry, write_member_entry
 
     members = tmp_path / "members.yaml"
     argv = ["--base", base, "--data", str(data["qa"]), "--output_dir", str(tmp_path / "math"), "--max_steps", "1",
-            "--lora_r", "2", "--dtype", "float32", "--members_out", str(members), "--no_progress"]  # fmt: skip
+            "--lora_r", "2", "--dtype", "float32", "--members_out", str(members), "--no_progress",
+            "--target_modules", "all-linear"]  # fmt: skip
     assert cli_main(["finetune", *argv]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == member_entry("math", base, tmp_path / "math" / "adapter")
+    adapter_config = json.loads((tmp_path / "math" / "adapter" / "adapter_config.json").read_text())
+    adapted = {name.rsplit(".", 1)[-1] for name in adapter_config["target_modules"]}
+    assert adapted == set(DEFAULT_TARGET_MODULES)  # all-linear: every projection, not the LM head
     import yaml
 
     assert yaml.safe_load(members.read_text()) == {"members": [{"id": "tiny-0", "path": base}, printed]}

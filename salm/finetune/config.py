@@ -93,6 +93,10 @@ class FinetuneConfig:
         for name in ("lora_alpha", "lora_dropout", "learning_rate"):
             if not _is_number(getattr(self, name)):
                 return [f"--{name} must be a finite number, got {getattr(self, name)!r}"]
+        for name in ("data", "eval_data", "target_modules"):  # a lone string would be read letter by letter
+            value = getattr(self, name)
+            if not (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                return [f"--{name} must be a list of names, got {value!r}"]
         checks = [
             (bool(self.base), "--base is required: a local model folder or a hub id"),
             (bool(self.data), "--data needs at least one file, dataset name or hub id"),

@@ -89,7 +89,8 @@ def load_lora_model(cfg: FinetuneConfig, device: torch.device) -> Any:
 
     with base_errors(cfg):
         model = load_member_model(base_info(cfg), device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
-    check_targets(model, list(cfg.target_modules), cfg.base)
+    targets = list(cfg.target_modules)
+    check_targets(model, targets, cfg.base)
     if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen embedding, replays dropout's RNG exactly
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5.x
@@ -100,7 +101,7 @@ def load_lora_model(cfg: FinetuneConfig, device: torch.device) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules) if cfg.target_modules != ["all-linear"] else "all-linear",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
