@@ -27,6 +27,7 @@ COMMANDS = {
     ),
     "harness": ("salm.commands.harness", "the ensemble and each member through lm-evaluation-harness"),
     "serve": ("salm.commands.serve", "an OpenAI-compatible server with continuous batching and a playground page"),
+    "finetune": ("salm.commands.finetune", "LoRA-train a specialist of a base model on your text or Q/A data"),
 }
 
 

@@ -217,7 +217,7 @@ def iter_file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     elif suffix == ".json":
         yield from _iter_json(path)
     elif suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""))
+        reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
         for row in reader:
             yield f"{path}, line {reader.line_num}", row
     elif suffix == ".parquet":
@@ -229,7 +229,7 @@ def iter_file_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataFormatError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     """The file's text; a file that is not UTF-8 (e.g. Latin-1) is an error naming the file and line."""
     data = path.read_bytes()
     try:
@@ -273,7 +273,7 @@ def _iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[str, dict
 
 def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """A JSON list of rows or ``{"data": [...]}``; JSON Lines under a .json name (as on the hub) also work."""
-    text = _read_utf8(path)
+    text = read_utf8(path)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
