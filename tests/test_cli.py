@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,9 +149,17 @@ def test_make_quickstart_installs_only_the_package():
 
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    out = subprocess.run(["make", "-n", "quickstart"], cwd=REPO, capture_output=True, text=True, check=True)
-    installs = [line for line in out.stdout.splitlines() if " pip install " in line]
+    # Run as a top-level make: under `make test` the inherited MAKELEVEL makes make print
+    # "Entering/Leaving directory" lines around the recipe.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+
+    def dry_run(target: str) -> str:
+        cmd = ["make", "-n", "--no-print-directory", target]
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+
+    out = dry_run("quickstart").splitlines()
+    installs = [line for line in out if " pip install " in line]
     assert len(installs) == 1 and installs[0].endswith("pip install -q -e .")
-    assert "quickstart" in out.stdout.splitlines()[-1]
-    dev = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "quickstart" in out[-1]
+    dev = dry_run("test")
     assert 'pip install -q -e ".[dev]"' in dev
