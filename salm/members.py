@@ -236,20 +236,31 @@ def default_device() -> str:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
-    """A torch dtype from a dtype, its name (``"bfloat16"``, as Hugging Face accepts) or None (the default)."""
-    if dtype is None:
-        return default_dtype(device)
+    """A torch dtype from a dtype, its name (``"bfloat16"``, as Hugging Face accepts), or ``"auto"``/None: the
+    default for ``device`` (:func:`default_dtype`; on the CPU the choice is printed once)."""
+    if dtype is None or dtype == "auto":
+        chosen = default_dtype(device)
+        if torch.device(device).type == "cpu":
+            from salm.cpu import announce
+
+            announce(chosen)
+        return chosen
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
-            raise MemberError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            raise MemberError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         return resolved
     return dtype
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on accelerators (the members are frozen, so half precision costs no training accuracy); fp32 on CPU."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    """bf16 on accelerators (the members are frozen, so half precision costs no training accuracy); on the CPU
+    bf16 where it multiplies bf16 natively, else fp32 (:func:`salm.cpu.auto_dtype`, which says why)."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    from salm.cpu import auto_dtype
+
+    return auto_dtype()
 
 
 def _is_local(path: str) -> bool:
@@ -367,7 +378,8 @@ def load_member_model(
     dtype: torch.dtype,
     trust_remote_code: bool = False,
 ):
-    """Load one member frozen and in eval mode: no gradients ever flow into a member."""
+    """Load one member frozen and in eval mode: no gradients ever flow into a member. On the CPU its linear
+    layers are packed for oneDNN (:func:`salm.cpu.pack_linear_weights`; ``SALM_CPU_PACK=0`` keeps them as loaded)."""
     from transformers import AutoModelForCausalLM
 
     path = _resolve_path(info)
@@ -380,6 +392,11 @@ def load_member_model(
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        from salm.cpu import pack_linear_weights, packing_enabled
+
+        if packing_enabled():  # oneDNN's blocked weights: a decode step reads each once, whatever the batch
+            pack_linear_weights(model)
     return model
 
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from salm import loss as objective
+from salm.cpu import compute_record
 from salm.features import (
     CachedFeatures,
     Dist,
@@ -950,6 +951,7 @@ def save_and_report(run: _Run, model: Any, data: Any, feats: _Features, loop: _L
         report = {
             "settings": cfg.settings(),
             "members": [info.to_dict() for info in model.infos],
+            "compute": compute_record(model),
             "data": {
                 **getattr(data, "report", {}),
                 "tokenized": {s.name: _split_report(s) for s in (feats.train_tok, feats.val_tok)},

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         "max_gen_toks": args.max_gen_toks,
         "weights": args.weights,
         "data_dir": str(data_dir),
+        "dtype": str(ensemble.dtype).replace("torch.", ""),  # in the resume key: another dtype reruns
     }
     summary = run_harness(
         ensemble, tasks, args.output_dir, settings, data_dir, args.only_ensemble, not args.no_plots, args.weights

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from salm.cpu import compute_record
 from salm.data import DATASETS, DataFormatError, DatasetUnavailableError, Example, load_examples
 from salm.display import nested_progress, progress_message
 from salm.evaluation import reports
@@ -349,6 +350,7 @@ def _generation_key(model: Any, task: Task, prompts: list[str], settings: EvalSe
         "seed": settings.random_seed,
         "batch_size": settings.batch_size,
         "members": [member_fingerprint(info) for info in model.infos],
+        "dtype": str(model.dtype),
         "heads": heads_fingerprint(model),
     }
 
@@ -536,6 +538,7 @@ def evaluate_task(
         "decision_patterns": runs.patterns,
         "teacher_forced": teacher,
         "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "compute": compute_record(model),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     atomic_write_json(out_dir / "results.json", result)
@@ -694,6 +697,7 @@ def _evaluate(
         html += items
     summary: dict[str, Any] = {
         "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "compute": compute_record(model),
         "models": _model_names(model, settings),
         "datasets": datasets,
         "skipped": skipped,

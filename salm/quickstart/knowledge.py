@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from salm.cpu import compute_record
 from salm.io import atomic_write_json, cache_root
 from salm.members import ModelInfo, write_member_set
 
@@ -390,6 +391,7 @@ def run_knowledge(
         "build": build,
         "test_questions": len(by_role["test"]),
         "variants": results,
+        "compute": compute_record(model),
     }
     atomic_write_json(out / "knowledge_summary.json", summary)
     return summary
