@@ -32,7 +32,10 @@ logger = logging.getLogger(__name__)
 DTYPE_ENV = "SALM_CPU_DTYPE"
 """Overrides what ``dtype="auto"`` picks on the CPU (``float32`` or ``bfloat16``); an explicit dtype wins."""
 PACK_ENV = "SALM_CPU_PACK"
-"""``0`` keeps the members' linear layers as loaded (PyTorch's own kernels) instead of :func:`pack_linear_weights`."""
+"""``0``: members keep PyTorch's linear kernels; ``1``: always :func:`pack_linear_weights`; unset: by size."""
+PACK_MIN_BYTES = 32 << 20
+"""Members with fewer bytes of linear weights stay unpacked: their weights sit in the caches, so a step is bound by
+per-call overhead, where oneDNN's (about 15 us a call here) exceeds MKL's (about 5 us)."""
 
 # oneDNN's ISA cap (``ONEDNN_MAX_CPU_ISA``) below which it only emulates bf16, whatever the CPU has.
 _NO_BF16_ISAS = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni"}
@@ -183,8 +186,19 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
-def packing_enabled() -> bool:
-    return os.environ.get(PACK_ENV, "1").strip() not in ("0", "false", "no", "off")
+def should_pack(model: nn.Module) -> bool:
+    """Whether :func:`salm.members.load_member_model` packs ``model``: ``$SALM_CPU_PACK`` (0/1) if set, else when
+    its linear weights reach :data:`PACK_MIN_BYTES` (real LMs do; the quickstart's and the tests' tiny members
+    do not, so their numbers stay those of PyTorch's kernels)."""
+    setting = os.environ.get(PACK_ENV, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if not can_pack(model):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    linear = (m.weight for m in model.modules() if type(m) is nn.Linear)
+    return sum(w.numel() * w.element_size() for w in linear) >= PACK_MIN_BYTES
 
 
 def can_pack(model: nn.Module) -> bool:

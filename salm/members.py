@@ -378,8 +378,8 @@ def load_member_model(
     dtype: torch.dtype,
     trust_remote_code: bool = False,
 ):
-    """Load one member frozen and in eval mode: no gradients ever flow into a member. On the CPU its linear
-    layers are packed for oneDNN (:func:`salm.cpu.pack_linear_weights`; ``SALM_CPU_PACK=0`` keeps them as loaded)."""
+    """Load one member frozen and in eval mode: no gradients ever flow into a member. On the CPU the linear
+    layers of a large enough member are packed for oneDNN (:func:`salm.cpu.should_pack`, ``SALM_CPU_PACK``)."""
     from transformers import AutoModelForCausalLM
 
     path = _resolve_path(info)
@@ -393,9 +393,9 @@ def load_member_model(
     model.eval()
     model.requires_grad_(False)
     if torch.device(device).type == "cpu":
-        from salm.cpu import pack_linear_weights, packing_enabled
+        from salm.cpu import pack_linear_weights, should_pack
 
-        if packing_enabled():  # oneDNN's blocked weights: a decode step reads each once, whatever the batch
+        if should_pack(model):  # oneDNN's blocked weights: a decode step reads each once, whatever the batch
             pack_linear_weights(model)
     return model
 

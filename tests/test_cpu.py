@@ -128,15 +128,25 @@ def test_packing_swaps_every_linear_and_keeps_a_tied_embedding(tiny_tokenizer, t
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
-def test_members_that_cannot_be_packed_stay_as_loaded(tiny_infos, monkeypatch):
+def test_which_members_are_packed(tiny_infos, monkeypatch):
+    """By size when ``SALM_CPU_PACK`` is unset (tiny members stay on PyTorch's kernels); 0 never; 1 always, but
+    only dtypes oneDNN packs (fp32, bf16)."""
     from salm.members import load_member_model
 
-    half = load_member_model(tiny_infos[0], "cpu", torch.float16)  # oneDNN packs fp32 and bf16 only
-    assert any(type(m) is nn.Linear for m in half.modules())
+    def packed(dtype: torch.dtype = torch.float32) -> bool:
+        model = load_member_model(tiny_infos[0], "cpu", dtype)
+        has_linear = any(type(m) is nn.Linear for m in model.modules())
+        assert has_linear != any(isinstance(m, cpu.PackedLinear) for m in model.modules())
+        return not has_linear
+
+    monkeypatch.delenv(cpu.PACK_ENV)
+    assert not packed()
+    monkeypatch.setattr(cpu, "PACK_MIN_BYTES", 1)
+    assert packed() and packed(torch.bfloat16)
     monkeypatch.setenv(cpu.PACK_ENV, "0")
-    plain = load_member_model(tiny_infos[0], "cpu", torch.float32)
-    assert any(type(m) is nn.Linear for m in plain.modules())
-    assert not any(isinstance(m, cpu.PackedLinear) for m in plain.modules())
+    assert not packed()
+    monkeypatch.setenv(cpu.PACK_ENV, "1")
+    assert not packed(torch.float16)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
