@@ -88,6 +88,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_mkldnn:  # a packed linear weight (salm.cpu): opaque, never shared
+            total += t.numel() * t.element_size()
+            continue
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())

@@ -6,17 +6,18 @@ Decoding a few sequences on a CPU is bound by reading the weights, so two things
   (``avx512_bf16`` or AMX on x86, the ``bf16`` feature on Arm); elsewhere oneDNN emulates it and a decode
   step grows with the batch. :func:`auto_dtype` picks bf16 there and float32 everywhere else.
 - **kernels.** ``torch.nn.functional.linear`` goes to MKL's sgemm in float32, whose small-batch path
-  depends on the CPU: on AVX-512 Intel cores it reads the weights once per three rows (batch 4 costs 2x
-  batch 1), with MKL's AVX2 path (what AMD CPUs get) once per row (batch 2 costs 2x); plain bf16 linears
-  re-lay the weights out on every call. :func:`pack_linear_weights` lays every member's linear weights out
-  once, at load, in oneDNN's blocked format, and runs them through oneDNN's matmul: a decode step then
-  reads each weight once whatever the batch (measured in ``benchmarks/bench_decode.py``).
+  depends on the CPU: with its AVX-512 kernels (Intel) a linear at batch 4 costs twice batch 1's and at
+  batch 8 three times; with its AVX2 kernels (what AMD CPUs get) batch 2 already costs about twice.
+  bfloat16 linears on the plain weight run oneDNN's matmul about 1.6x slower than on a pre-blocked one.
+  :func:`pack_linear_weights` lays a member's linear weights out once, at load, in oneDNN's blocked format
+  and runs them through oneDNN, whose cost stays flat to batch 6 (1.3x at 8) with its AVX-512 kernels and
+  grows 1.25x to batch 4 (1.7x at 8) with its AVX2 ones, where MKL's grow 2x and 2.8x (one linear, 896 x
+  4864, this machine; ``benchmarks/bench_decode.py`` measures whole decode steps).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import platform
 import sys
@@ -26,8 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 DTYPE_ENV = "SALM_CPU_DTYPE"
 """Overrides what ``dtype="auto"`` picks on the CPU (``float32`` or ``bfloat16``); an explicit dtype wins."""
