@@ -235,6 +235,43 @@ def test_build_is_the_same_in_another_process_with_other_threads(built: qb.Quick
         assert again.read_bytes() == (folder / "model.safetensors").read_bytes(), member
 
 
+def test_kernel_pins_are_recorded_and_name_another_build(built: qb.QuickstartArtifacts, monkeypatch) -> None:
+    import torch
+
+    recipe = qb.recipe_for("tiny")
+    assert built.report["kernels"]["pins"] == {}
+    assert built.report["kernels"]["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert qb.kernel_pins() == {"mkl_cbwr": "COMPATIBLE"}
+    assert qb.recipe_hash(recipe) != built.recipe_hash  # a pinned build never reuses an unpinned one
+
+
+@pytest.mark.slow
+def test_pinned_build_does_not_depend_on_mkls_kernels(built: qb.QuickstartArtifacts, tmp_path) -> None:
+    """With ATen's capability and MKL's CNR branch pinned, MKL's AVX2 kernels (what AMD CPUs get) and its
+    AVX-512 ones give the same bytes; unpinned they do not (checked where the CPU has AVX-512)."""
+    import os
+    import subprocess
+    import sys
+
+    from salm.cpu import cpu_info
+
+    def build(name: str, **env: str) -> dict[str, bytes]:
+        out = str(tmp_path / name)
+        code = (
+            f"from salm.quickstart import build; build.build_quickstart_members({out!r}, size='tiny', progress=False)"
+        )
+        run = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return {m: (tmp_path / name / m / "model.safetensors").read_bytes() for m in built.member_dirs}
+
+    pins = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    assert build("pinned", **pins) == build("pinned-avx2", **pins, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    if "avx512_f" in cpu_info().flags:
+        native = {m: (d / "model.safetensors").read_bytes() for m, d in built.member_dirs.items()}
+        assert build("avx2", MKL_ENABLE_INSTRUCTIONS="AVX2") != native
+
+
 def test_tokenize_example_matches_pipeline_rendering(built: qb.QuickstartArtifacts) -> None:
     from transformers import AutoTokenizer
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from salm.cpu import cpu_info
 from salm.io import cache_root
 from salm.members import ModelInfo, write_member_set
 from salm.quickstart.corpora import (
@@ -159,14 +160,29 @@ def recipe_for(size: str = "default", seed: int = 0) -> Recipe:
     raise ValueError(f"unknown quickstart size {size!r}; expected one of {SIZES}")
 
 
+def kernel_pins() -> dict[str, str]:
+    """The CPU-kernel pins the environment sets: ATen's capability (``ATEN_CPU_CAPABILITY``, read when torch is
+    imported) and MKL's reproducibility branch (``MKL_CBWR``). Unpinned, the members a recipe gives depend on
+    the CPU's kernels (AVX-512 or AVX2, Intel or AMD); pinned (``ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE``)
+    they do not, at 2.8x the training time (see the README's quickstart section)."""
+    pins = {}
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        pins["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("MKL_CBWR"):
+        pins["mkl_cbwr"] = os.environ["MKL_CBWR"]
+    return pins
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    """Short hash of the recipe, the corpus text (another Python install means other stdlib text) and the
-    prompt rendering (a changed template in :mod:`salm.data` means other training text)."""
-    payload = json.dumps(
-        {"recipe": recipe.to_json(), "corpus": corpus_digest(recipe.corpus), "rendering": rendering_probe()},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+    """Short hash of the recipe, the corpus text (another Python install means other stdlib text), the
+    prompt rendering (a changed template in :mod:`salm.data` means other training text) and any kernel pins
+    (:func:`kernel_pins`: a pinned build is another build; unpinned hashes are unchanged by them)."""
+    payload: dict[str, Any] = {
+        "recipe": recipe.to_json(), "corpus": corpus_digest(recipe.corpus), "rendering": rendering_probe()
+    }  # fmt: skip
+    if kernel_pins():
+        payload["kernels"] = kernel_pins()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def quickstart_dir(recipe: Recipe) -> Path:
@@ -529,6 +545,7 @@ def _build_into(tmp: Path, recipe: Recipe, digest: str, progress: bool) -> None:
         "recipe": recipe.to_json(),
         "build_version": BUILD_VERSION,
         "torch_threads": torch.get_num_threads(),
+        "kernels": {"pins": kernel_pins(), "cpu": cpu_info().to_dict()},  # what decided the rounding
         "tokenizer_vocab": len(tokenizer),
         "train_tokens": sizes,
         "eval": {
@@ -664,7 +681,8 @@ def deterministic_torch(threads: int):
     difference, if an op has no deterministic CPU kernel); the caller's settings come back afterwards.
 
     Same recipe, same torch build, same CPU kind: the same bytes, whatever the machine's core count
-    and whoever else is using it. Other CPU kinds (AVX-512 vs AVX2 kernels) may round differently.
+    and whoever else is using it. Other CPU kinds (AVX-512 vs AVX2 kernels, Intel vs AMD) round differently
+    unless the kernels are pinned (:func:`kernel_pins`).
     """
     before = torch.get_num_threads()
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
