@@ -88,6 +88,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_mkldnn:  # a packed linear weight (salm.cpu): opaque, never shared
+            total += t.numel() * t.element_size()
+            continue
         if t.data_ptr() in seen:
             continue
         seen.add(t.data_ptr())
@@ -169,8 +172,15 @@ def git_commit() -> str | None:
         return None
 
 
+# Variables that pick CPU kernels (and so change speed and the last bits of results): recorded when set.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS",
+              "SALM_CPU_DTYPE", "SALM_CPU_PACK")  # fmt: skip
+
+
 def environment(device: str = "cpu") -> dict[str, Any]:
     import transformers
+
+    from salm.cpu import cpu_info
 
     env: dict[str, Any] = {
         "python": sys.version.split()[0],
@@ -178,6 +188,8 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_info": cpu_info().to_dict(),  # flags (avx512_bf16, amx_bf16, ...), ATen capability, native bf16
+        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
         "cpu_cores": core_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": None,

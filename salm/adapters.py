@@ -247,11 +247,23 @@ def load_member_models(
     models: list[Any] = [None] * len(infos)
     for group in base_groups(infos, device):
         first = infos[group[0]]
-        model = load_member_model(first, first.device or device, dtype, trust_remote_code)
         adapted = [infos[i] for i in group if infos[i].adapter]
+        model = load_member_model(first, first.device or device, dtype, trust_remote_code, pack=not adapted)
         if adapted:
             model.salm_lora = load_adapters(model, adapted, trust_remote_code)
             model.eval()
+            _pack_base(model, device)
         for i in group:
             models[i] = model
     return models
+
+
+def _pack_base(model: nn.Module, device: str | torch.device) -> None:
+    """Pack the base's linear layers for oneDNN on the CPU, as :func:`salm.members.load_member_model` packs a plain
+    member's, once PEFT has wrapped them: the LoRA matrices stay dense, since the grouped multiply reads them."""
+    if torch.device(device).type != "cpu":
+        return
+    from salm.cpu import pack_linear_weights, should_pack
+
+    if should_pack(model):
+        pack_linear_weights(model)

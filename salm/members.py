@@ -275,20 +275,31 @@ def default_device() -> str:
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
-    """A torch dtype from a dtype, its name (``"bfloat16"``, as Hugging Face accepts) or None (the default)."""
-    if dtype is None:
-        return default_dtype(device)
+    """A torch dtype from a dtype, its name (``"bfloat16"``, as Hugging Face accepts), or ``"auto"``/None: the
+    default for ``device`` (:func:`default_dtype`; on the CPU the choice is printed once)."""
+    if dtype is None or dtype == "auto":
+        chosen = default_dtype(device)
+        if torch.device(device).type == "cpu":
+            from salm.cpu import announce
+
+            announce(chosen)
+        return chosen
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
         if not isinstance(resolved, torch.dtype):
-            raise MemberError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+            raise MemberError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         return resolved
     return dtype
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on accelerators (the members are frozen, so half precision costs no training accuracy); fp32 on CPU."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    """bf16 on accelerators (the members are frozen, so half precision costs no training accuracy); on the CPU
+    bf16 where it multiplies bf16 natively, else fp32 (:func:`salm.cpu.auto_dtype`, which says why)."""
+    if torch.device(device).type != "cpu":
+        return torch.bfloat16
+    from salm.cpu import auto_dtype
+
+    return auto_dtype()
 
 
 def _is_local(path: str) -> bool:
@@ -418,8 +429,11 @@ def load_member_model(
     device: str | torch.device,
     dtype: torch.dtype,
     trust_remote_code: bool = False,
+    pack: bool = True,
 ):
-    """Load one member frozen and in eval mode: no gradients ever flow into a member."""
+    """Load one member frozen and in eval mode: no gradients ever flow into a member. On the CPU the linear
+    layers of a large enough member are packed for oneDNN (:func:`salm.cpu.should_pack`, ``SALM_CPU_PACK``)
+    unless ``pack`` is False (a base that PEFT adapters are injected into first, or one being finetuned)."""
     from transformers import AutoModelForCausalLM
 
     path = _resolve_path(info)
@@ -432,6 +446,11 @@ def load_member_model(
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if pack and torch.device(device).type == "cpu":
+        from salm.cpu import pack_linear_weights, should_pack
+
+        if should_pack(model):  # oneDNN's blocked weights: a decode step reads each once, whatever the batch
+            pack_linear_weights(model)
     return model
 
 

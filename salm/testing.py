@@ -1,7 +1,7 @@
 """Tiny random members built offline, for tests and benchmarks (no hub, no GPU).
 
 They go through exactly the same loading path as hub models: ordinary Hugging Face folders. The tokenizer
-comes from saLM's one BPE builder (:func:`salm.quickstart.build.train_tokenizer`) and member-set files from
+comes from saLM's one BPE builder (:func:`salm.quickstart.lm.train_tokenizer`) and member-set files from
 :func:`salm.members.write_member_set` (re-exported here); helpers that only tests use live in ``tests/conftest.py``.
 """
 
@@ -27,8 +27,8 @@ _CORPUS = [
 
 def build_tokenizer(vocab_size: int = 300, corpus: Sequence[str] = _CORPUS):
     """A byte-level BPE tokenizer with an EOS/pad token, wrapped as a fast HF tokenizer (GPT-2's split; see
-    :func:`salm.quickstart.build.train_tokenizer`, the one builder)."""
-    from salm.quickstart.build import train_tokenizer
+    :func:`salm.quickstart.lm.train_tokenizer`, the one builder)."""
+    from salm.quickstart.lm import train_tokenizer
 
     return train_tokenizer(corpus, vocab_size, pretokenizer="gpt2")
 

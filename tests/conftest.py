@@ -26,6 +26,12 @@ import pytest
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["MPLBACKEND"] = "Agg"
+# dtype="auto" picks bf16 on CPUs that multiply it natively: the suite pins float32 so it checks the same
+# numbers on every CPU (tests/test_cpu.py checks the choice itself, with the detection monkeypatched).
+os.environ["SALM_CPU_DTYPE"] = "float32"
+# Real members' linear layers are packed for oneDNN at load (salm/cpu.py); tiny ones would not be (by size): the
+# suite packs its tiny members too, so every equivalence below also covers the kernels real members run.
+os.environ["SALM_CPU_PACK"] = "1"
 # What the user had, before the overrides below: tests/test_isolation.py checks that nothing points there.
 USER_ENV = {v: os.environ.get(v) for v in ("SALM_CACHE", "HF_HOME", "HOME", "XDG_CACHE_HOME")}
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="salm-tests-"))

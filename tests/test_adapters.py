@@ -54,6 +54,13 @@ def test_members_on_one_base_share_its_weights(adapters):
     lora = sum(p.numel() for n, p in ens.members[0].named_parameters() if "lora_" in n)
     alone = sum(p.numel() for p in _peft_model(adapters.base, adapters.math).base_model.model.parameters())
     assert 0 < lora < base and base + lora < 2 * alone  # one base plus the adapters, not a base per member
+    # The suite packs members' linears for oneDNN (conftest): the base's layers are packed under PEFT's wrappers,
+    # the LoRA matrices stay plain (the grouped multiply stacks them); the equivalences below run on that.
+    from salm.cpu import PackedLinear
+
+    wrapped = [m for m in ens.members[0].modules() if hasattr(m, "lora_A")]
+    assert wrapped and all(isinstance(m.base_layer, PackedLinear) for m in wrapped)
+    assert all(type(a) is torch.nn.Linear for m in wrapped for a in (*m.lora_A.values(), *m.lora_B.values()))
 
 
 @pytest.mark.parametrize("member, adapter", [("math", "math"), ("code", "code"), ("general", None)])

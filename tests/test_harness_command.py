@@ -71,6 +71,18 @@ def test_every_model_in_one_call_with_a_comparison_table(setup, capsys):
     assert capsys.readouterr().err.count("reusing") == 3
 
 
+def test_another_dtype_is_evaluated_again_and_recorded(setup, capsys):
+    """The dtype is in the resume key: a bf16 run into a folder of fp32 results reruns every model."""
+    from salm.cli import main
+
+    out = setup[0] / "dtypes"
+    for dtype in ("float32", "bfloat16"):
+        assert main(_argv(setup, out, "--tasks", "medqa_4options", "--limit", "2", "--dtype", dtype)) == 0
+        assert "reusing" not in capsys.readouterr().err
+        summary = json.loads((out / "comparison.json").read_text())
+        assert summary["settings"]["dtype"] == summary["compute"]["dtype"] == dtype
+
+
 def test_bad_input_is_named(setup, capsys):
     from salm.cli import main
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from salm.quickstart import build as qb
+from salm.quickstart import lm as qlm
 from salm.quickstart.corpora import (
     DOMAINS,
     MEMBERS_SPLIT,
@@ -63,7 +64,7 @@ def test_members_load_and_share_one_tokenizer(built: qb.QuickstartArtifacts) -> 
         tok = AutoTokenizer.from_pretrained(folder)
         assert model.config.model_type == "qwen2", member
         assert model.config.vocab_size == len(tok)
-        assert tok.eos_token == qb.EOS_TOKEN and tok.pad_token == qb.PAD_TOKEN
+        assert tok.eos_token == qlm.EOS_TOKEN and tok.pad_token == qlm.PAD_TOKEN
         assert model.generation_config.eos_token_id == tok.eos_token_id
         digits = tok.convert_ids_to_tokens(tok("x = 1234", add_special_tokens=False)["input_ids"])
         assert [t for t in digits if t.isdigit()] == ["1", "2", "3", "4"]  # one token per digit
@@ -210,8 +211,8 @@ def test_reported_numbers_are_those_of_the_saved_members(built: qb.QuickstartArt
     tok = AutoTokenizer.from_pretrained(built.member_dirs["math"])
     model = AutoModelForCausalLM.from_pretrained(built.member_dirs["math"]).eval()
     test = make_examples("math", recipe.eval_nll_examples, seed=recipe.seed + 1, split="test", config=recipe.corpus)
-    nll = qb.answer_nll(model, tok, test, "math")
-    accuracy = qb.math_accuracy(model, tok, test[: recipe.eval_math_problems])
+    nll = qlm.answer_nll(model, tok, test, "math")
+    accuracy = qlm.math_accuracy(model, tok, test[: recipe.eval_math_problems])
     assert report["members"]["math"]["nll"]["math"] == pytest.approx(nll, abs=1e-4)
     assert report["members"]["math"]["math_accuracy"] == pytest.approx(accuracy)
 
@@ -235,6 +236,43 @@ def test_build_is_the_same_in_another_process_with_other_threads(built: qb.Quick
         assert again.read_bytes() == (folder / "model.safetensors").read_bytes(), member
 
 
+def test_kernel_pins_are_recorded_and_name_another_build(built: qb.QuickstartArtifacts, monkeypatch) -> None:
+    import torch
+
+    recipe = qb.recipe_for("tiny")
+    assert built.report["kernels"]["pins"] == {}
+    assert built.report["kernels"]["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert qb.kernel_pins() == {"mkl_cbwr": "COMPATIBLE"}
+    assert qb.recipe_hash(recipe) != built.recipe_hash  # a pinned build never reuses an unpinned one
+
+
+@pytest.mark.slow
+def test_pinned_build_does_not_depend_on_mkls_kernels(built: qb.QuickstartArtifacts, tmp_path) -> None:
+    """With ATen's capability and MKL's CNR branch pinned, MKL's AVX2 kernels (what AMD CPUs get) and its
+    AVX-512 ones give the same bytes; unpinned they do not (checked where the CPU has AVX-512)."""
+    import os
+    import subprocess
+    import sys
+
+    from salm.cpu import cpu_info
+
+    def build(name: str, **env: str) -> dict[str, bytes]:
+        out = str(tmp_path / name)
+        code = (
+            f"from salm.quickstart import build; build.build_quickstart_members({out!r}, size='tiny', progress=False)"
+        )
+        run = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return {m: (tmp_path / name / m / "model.safetensors").read_bytes() for m in built.member_dirs}
+
+    pins = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    assert build("pinned", **pins) == build("pinned-avx2", **pins, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    if "avx512_f" in cpu_info().flags:
+        native = {m: (d / "model.safetensors").read_bytes() for m, d in built.member_dirs.items()}
+        assert build("avx2", MKL_ENABLE_INSTRUCTIONS="AVX2") != native
+
+
 def test_tokenize_example_matches_pipeline_rendering(built: qb.QuickstartArtifacts) -> None:
     from transformers import AutoTokenizer
 
@@ -242,7 +280,7 @@ def test_tokenize_example_matches_pipeline_rendering(built: qb.QuickstartArtifac
 
     tok = AutoTokenizer.from_pretrained(built.member_dirs["general"])
     q, a = "Tom has 3 apples and buys 4 more. How many apples does he have now?", "3 + 4 = 7.\n#### 7"
-    ids, n_prompt = qb.tokenize_example(tok, q, a, "math")
+    ids, n_prompt = qlm.tokenize_example(tok, q, a, "math")
     assert tok.decode(ids[:n_prompt]) == build_prompt(q)
     assert ids[-1] == tok.eos_token_id
     assert tok.decode(ids[n_prompt:-1]) == "Reasoning: 3 + 4 = 7.\nTherefore, the answer is: 7"

@@ -351,6 +351,7 @@ def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     assert all(max(row, key=row.get) == "tiny-0" for row in share.values())
     assert report["data"]["tokenized"]["train"]["per_dataset"] == {"math": 9, "yesno": 9}
     assert report["metrics"]["best_val"]["val/nll"] == pytest.approx(res.best_val_nll)
+    assert report["compute"]["dtype"] == "float32" and report["compute"]["devices"] == ["cpu"]
     for f in ("loss_curves.png", "routing_share.png", "best_model_heads.pt", "final_model/heads.safetensors"):
         assert (tmp_path / f).is_file(), f
     loaded = MultiModelWithScalarHeads.from_pretrained(

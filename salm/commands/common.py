@@ -18,7 +18,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("members")
     g.add_argument("--models", default=None, help="member-set file (YAML/JSON); default: the Qwen2.5-1.5B trio")
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: best available)")
-    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="members' dtype")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="members' dtype; auto: bfloat16 on accelerators and on CPUs that multiply it natively "
+        "(avx512_bf16, AMX), else float32",
+    )
     g.add_argument("--trust_remote_code", action="store_true", help="allow members' custom code (off by default)")
 
 

@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     ensemble = load_ensemble(
         args.models, args.weights, device=device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
     )
+    settings["dtype"] = str(ensemble.dtype).replace("torch.", "")  # in the resume key: another dtype reruns
     try:
         summary = run_harness(
             ensemble, tasks, args.output_dir, settings, data_dir, args.only_ensemble, not args.no_plots, args.weights,

@@ -62,6 +62,7 @@ def generation_key(model: Any, task: Task, prompts: list[str], settings: EvalSet
         "seed": settings.random_seed,
         "batch_size": settings.batch_size,
         "members": [member_fingerprint(info) for info in model.infos],
+        "dtype": str(model.dtype),
         "heads": heads_fingerprint(model),
     }
 

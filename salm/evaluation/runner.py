@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from salm.cpu import compute_record
 from salm.data import Example
 from salm.display import nested_progress
 from salm.evaluation import reports
@@ -109,6 +110,7 @@ def evaluate_task(
         "decision_patterns": runs.patterns,
         "teacher_forced": teacher,
         "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "compute": compute_record(model),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     atomic_write_json(out_dir / "results.json", result)
@@ -200,6 +202,7 @@ def _evaluate(
         html += items
     summary: dict[str, Any] = {
         "settings": {**settings.to_dict(), "members": list(model.model_ids)},
+        "compute": compute_record(model),
         "models": model_names(model, settings),
         "datasets": datasets,
         "skipped": skipped,

@@ -88,7 +88,7 @@ def load_lora_model(cfg: FinetuneConfig, device: torch.device) -> Any:
     from salm.members import load_member_model
 
     with base_errors(cfg):
-        model = load_member_model(base_info(cfg), device, getattr(torch, cfg.dtype), cfg.trust_remote_code)
+        model = load_member_model(base_info(cfg), device, getattr(torch, cfg.dtype), cfg.trust_remote_code, pack=False)
     targets = list(cfg.target_modules)
     check_targets(model, targets, cfg.base)
     if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen embedding, replays dropout's RNG exactly

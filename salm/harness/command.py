@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from salm.cpu import compute_record
 from salm.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -354,6 +355,7 @@ def run_harness(
     rows = comparison(per_model, tasks)
     names = list(models)
     summary = {"settings": dict(settings), "tasks": dict(tasks), "models": models, "comparison": rows}
+    summary["compute"] = compute_record(ensemble)
     atomic_write_json(out / "comparison.json", summary)
     atomic_write_text(out / "comparison.md", render_comparison(rows, names, settings))
     if plots:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from salm.cpu import compute_record
 from salm.io import atomic_write_json, cache_root
 from salm.members import ModelInfo, write_member_set
 
@@ -207,7 +208,7 @@ def build_knowledge_members(
 def _build_into(tmp: Path, recipe: KnowledgeRecipe, digest: str, progress: bool) -> dict[str, Any]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from salm.quickstart.build import TrainPhase, _token_stream, train_lm, train_tokenizer
+    from salm.quickstart.lm import TrainPhase, _token_stream, train_lm, train_tokenizer
 
     t0 = time.perf_counter()
     facts = make_facts(recipe)
@@ -398,6 +399,7 @@ def run_knowledge(
         "build": build,
         "test_questions": len(by_role["test"]),
         "variants": results,
+        "compute": compute_record(model),
     }
     atomic_write_json(out / "knowledge_summary.json", summary)
     return summary

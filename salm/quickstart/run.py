@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from salm.cpu import compute_record
 from salm.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -281,6 +282,7 @@ def _summarize(art: Any, result: Any, ev: dict[str, Any], gen: dict[str, Any], s
         "nll": nll,
         "arithmetic": accuracy,
         "generation_routing": {d: p.get("share") for d, p in gen["patterns"].items()},
+        "compute": compute_record(result.model),
         "checks": checks,
         "checks_not_applicable": not_applicable,
         "targets": TARGETS,

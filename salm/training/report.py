@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from salm.cpu import compute_record
 from salm.features import TokenizedSplit
 from salm.io import atomic_write_json
 from salm.training.config import BEST_DIR, BEST_HEADS, CHECKPOINT, FINAL_DIR, METRICS, REPORT, TrainConfig
@@ -65,6 +66,7 @@ def save_and_report(
         report = {
             "settings": cfg.settings(),
             "members": [info.to_dict() for info in model.infos],
+            "compute": compute_record(model),
             "data": {
                 **getattr(data, "report", {}),
                 "tokenized": {s.name: _split_report(s) for s in (feats.train_tok, feats.val_tok)},
