@@ -219,18 +219,25 @@ def pack_linear_weights(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of a frozen CPU model by a :class:`PackedLinear`; returns how many. PEFT's
     ``lora_A``/``lora_B`` layers stay as they are (an adapter-wrapped layer's ``base_layer`` is packed).
 
-    A weight that another module shares (a tied LM head and input embedding) is packed as a copy: the
-    embedding keeps reading the dense rows (costs the matrix once more in memory; the LM head is the
-    largest matrix of a small model and the one read at every step).
+    A weight that another module shares (a tied LM head and input embedding) is packed as a copy in float32: the
+    embedding keeps reading the dense rows. That costs the matrix once more in memory (545 MB for Qwen2.5-0.5B)
+    but MKL's float32 head grows 2.5x from batch 1 to 4 where the packed one grows 1.1x. In bfloat16 the tied
+    head stays as it is: oneDNN's plain bf16 head is flat in the batch, packing would save ~25% of the head's
+    time (~10% of a step) for 15% more memory (measured on Qwen2.5-0.5B's 151,936 x 896 head).
     """
     if not can_pack(model):
         return 0
+    shared = {  # storage of weights that modules other than linear layers read (a tied input embedding)
+        p.data_ptr() for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)
+    }
     n = 0
     for path, parent in list(model.named_modules()):
         if any(part.startswith("lora_") for part in path.split(".")):
             continue  # PEFT's LoRA matrices (salm.adapters reads and stacks them as plain weights)
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear and child.weight.dtype in (torch.float32, torch.bfloat16):
+                if child.weight.dtype == torch.bfloat16 and child.weight.data_ptr() in shared:
+                    continue  # a tied bf16 head: packing would copy it for ~10% of a step (fp32: 2x at batch 4)
                 setattr(parent, name, PackedLinear(child))
                 n += 1
     return n
