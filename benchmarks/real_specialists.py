@@ -286,9 +286,13 @@ def stage_harness(args: argparse.Namespace) -> None:
         str(work / "data" / "harness"), "--include_path", str(work / "data" / "tasks"), "--no_plots",
     ]  # fmt: skip
     for suite, tasks in SUITES.items():
+        if suite not in args.suites.split(","):
+            continue
         for k, (heads, routing) in enumerate(VARIANTS[suite]):
             out = work / "harness" / suite / f"{heads}-{routing}"
             members = [] if k == 0 else ["--only_ensemble"]  # the members once per suite, beside the first ensemble
+            if suite == "gsm8k" and args.gsm8k_fewshot is not None:
+                members += ["--num_fewshot", str(args.gsm8k_fewshot)]
             salm(
                 "harness", "--tasks", tasks, "--weights", str(work / "heads" / heads / "best_model"), "--routing",
                 routing, "--output_dir", str(out), *common_flags, *members,
@@ -459,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="members' dtype (bfloat16: this CPU multiplies it natively)")
     p.add_argument("--epochs_facts", type=int, default=8, help="salm finetune epochs on a fact set")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/real_specialists.json)")
+    p.add_argument("--suites", default="mc,gsm8k", help="harness stage: which suites to score (mc, gsm8k)")
+    p.add_argument("--gsm8k_fewshot", type=int, default=None, help="GSM8K shots (default: lm-eval's 5)")
     args = p.parse_args(argv)
     for name, stage in STAGES.items():
         if args.stage in (name, "all"):

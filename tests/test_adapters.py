@@ -102,6 +102,30 @@ def test_one_forward_for_all_adapters_equals_one_forward_each(adapters):
     assert (h0 - h1).abs().max() > 1e-2
 
 
+def test_over_a_bf16_base_the_updates_are_peft_s_up_to_rounding(adapters):
+    """Over a half-precision base each block's LoRA update is added inside one GEMM in the base's dtype (PEFT adds
+    an fp32 update, then rounds: three passes over the output): the logits are PEFT's own bf16 model's up to bf16
+    rounding, and each adapter's update is far larger than that difference."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ens = MultiModelWithScalarHeads(adapters.infos[:3], device="cpu", dtype=torch.bfloat16).eval()
+    ids, mask = batch(ens, PROMPTS)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    _, lgs, _ = ens.run_members((0, 1, 2), ids, mask, pos)
+    for i, adapter in ((1, adapters.math), (2, adapters.code)):
+        base = AutoModelForCausalLM.from_pretrained(str(adapters.base), dtype=torch.bfloat16)
+        ref = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with torch.no_grad():
+            want = ref(input_ids=ids, attention_mask=mask, position_ids=pos).logits[real].float()
+        got, plain = lgs[i][real].float(), lgs[0][real].float()
+        alone = ens.run_member(i, ids, mask, pos)[1][real].float()
+        diff = (got - want).abs().max()
+        assert diff < 0.1 * (plain - want).abs().max()
+        torch.testing.assert_close(alone, got, rtol=0, atol=float(diff) + 0.05)
+
+
 def _alone(ens):
     """The same ensemble, but every member runs its own forward (the reference for the grouped path)."""
     alone = fresh(ens, seed=0, router=ens.router)
