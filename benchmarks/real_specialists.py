@@ -421,6 +421,9 @@ def stage_report(args: argparse.Namespace) -> None:
         "tasks": tasks_out,
         "suite": suite,
         "suite_multiple_choice": suite_mc,  # every ensemble variant (GSM8K generation ran the default only)
+        "not_measured": {
+            TASK_NAMES[t]: "no harness samples in --work (suite not run)" for t in TASK_NAMES if t not in n_of
+        },  # fmt: skip
         "members": members,
         "settings": {k: v for k, v in vars(args).items() if k != "stage"},
         "environment": common.environment("cpu"),
