@@ -4,8 +4,9 @@ On a CPU that multiplies bf16 natively, ``auto`` runs the members in bfloat16 (`
 bytes a decode step reads; it also rounds every matmul to 8 bits of mantissa. This measures the cost where users
 see it: one member (default: Qwen2.5-Coder-0.5B-Instruct from ``build_real_members.sh``) scored by
 ``salm harness`` in both dtypes on the same held-out documents, then per document and choice the
-log-likelihood difference, the documents whose chosen answer changed, and the accuracies. A one-member set is
-that member (its routing weight is 1), so the run is the member's own.
+log-likelihood difference, the documents whose chosen answer changed, and the accuracies. An ensemble needs two
+members, so the set is the member and its twin (the same folder): whatever the heads choose, the ensemble's
+distribution is the member's own, and only the ensemble is scored.
 
     python benchmarks/bf16_accuracy.py --member /work/real/coder-05b --data_dir ../shared/data --limit 40
 """
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from salm.members import ModelInfo, write_member_set
 
-    members = write_member_set(Path(args.work) / "members.json", [ModelInfo("member", args.member, args.member)])
+    twins = [ModelInfo(mid, args.member, args.member) for mid in ("member", "twin")]
+    members = write_member_set(Path(args.work) / "members.json", twins)
     folders = {d: run_harness(args, members, d) for d in DTYPES}
     got = {d: samples(f) for d, f in folders.items()}
     tasks = {t: compare(got["float32"][t], got["bfloat16"][t]) for t in got["float32"] if t in got["bfloat16"]}
