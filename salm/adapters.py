@@ -20,6 +20,7 @@ its base (``merge_and_unload``) and use the merged folder as an ordinary member.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -278,11 +279,15 @@ def load_member_models(
 
 
 def _pack_base(model: nn.Module, device: str | torch.device) -> None:
-    """Pack the base's linear layers for oneDNN on the CPU, as :func:`salm.members.load_member_model` packs a plain
-    member's, once PEFT has wrapped them: the LoRA matrices stay dense, since the grouped multiply reads them."""
-    if torch.device(device).type != "cpu":
-        return
-    from salm.cpu import pack_linear_weights, should_pack
+    """Pack the base's linear layers for oneDNN on the CPU once PEFT has wrapped them (the LoRA matrices stay
+    dense, since the grouped multiply reads them), but only when ``SALM_CPU_PACK=1`` asks for it.
 
-    if should_pack(model):
+    Packed after the injection, the base's unpacked weights stayed resident: Qwen2.5-0.5B with three adapters in
+    bf16 took 1.9x (base + adapters) of net RSS against 1.24x unpacked (``benchmarks/bench_adapters.py``), a cause
+    not found yet. So adapter bases keep PyTorch's kernels by default; in bf16 those are flat in the batch too
+    (``benchmarks/bench_decode.py``: 1.0-1.14x batch 1's step up to batch 8)."""
+    from salm.cpu import PACK_ENV, pack_linear_weights, should_pack
+
+    forced = os.environ.get(PACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    if torch.device(device).type == "cpu" and forced and should_pack(model):
         pack_linear_weights(model)

@@ -217,7 +217,8 @@ def can_pack(model: nn.Module) -> bool:
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of a frozen CPU model by a :class:`PackedLinear`; returns how many. PEFT's
-    ``lora_A``/``lora_B`` layers stay as they are (an adapter-wrapped layer's ``base_layer`` is packed).
+    ``lora_A``/``lora_B`` layers stay as they are (an adapter-wrapped layer's ``base_layer`` is packed; see
+    :func:`salm.adapters._pack_base` for when).
 
     A weight that another module shares (a tied LM head and input embedding) is packed as a copy in float32: the
     embedding keeps reading the dense rows. That costs the matrix once more in memory (545 MB for Qwen2.5-0.5B)

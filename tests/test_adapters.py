@@ -54,7 +54,7 @@ def test_members_on_one_base_share_its_weights(adapters):
     lora = sum(p.numel() for n, p in ens.members[0].named_parameters() if "lora_" in n)
     alone = sum(p.numel() for p in _peft_model(adapters.base, adapters.math).base_model.model.parameters())
     assert 0 < lora < base and base + lora < 2 * alone  # one base plus the adapters, not a base per member
-    # The suite packs members' linears for oneDNN (conftest): the base's layers are packed under PEFT's wrappers,
+    # The suite forces packing (conftest, SALM_CPU_PACK=1): the base's layers are packed under PEFT's wrappers,
     # the LoRA matrices stay plain (the grouped multiply stacks them); the equivalences below run on that.
     from salm.cpu import PackedLinear
 
