@@ -96,7 +96,8 @@ class MultiModelWithScalarHeads(MemberForward, nn.Module):
         keywords ``head_hidden_dim``/``head_dropout`` (positions 2 and 3, as in the seed) and ``head_norm``/
         ``router`` override single fields of it; they carry no defaults of their own.
         ``device`` places the heads and every member without its own ``ModelInfo.device``; ``dtype``
-        is the members' dtype (bf16 on accelerators, fp32 on CPU when not given). Heads stay fp32.
+        is the members' dtype (``"auto"`` or None: bf16 on accelerators and on CPUs that multiply it
+        natively, else fp32). Heads stay fp32.
         """
         super().__init__()
         self.head_config = _with_overrides(
