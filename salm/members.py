@@ -384,28 +384,28 @@ def offline_advice(info: ModelInfo) -> str:
     )
 
 
-def _resolve_path(info: ModelInfo) -> str:
-    """The folder or hub id to load ``info`` from; a hub id first checks the hub (:func:`prepare_hub`)."""
-    if _is_local(info.path):
-        path = str(Path(info.path).expanduser())
+def _local_or_hub(info: ModelInfo, where: str, what: str) -> str:
+    """A local folder (which must exist; ``what`` names it in the error) or a hub id, after the hub check
+    (:func:`prepare_hub`)."""
+    if _is_local(where):
+        path = str(Path(where).expanduser())
         if not Path(path).is_dir():
-            raise MemberError(f"member {info.id!r}: local path {info.path} is not a readable folder")
+            raise MemberError(f"member {info.id!r}: {what} {where} is not a readable folder")
         return path
     prepare_hub()
-    return info.path
+    return where
+
+
+def _resolve_path(info: ModelInfo) -> str:
+    """The folder or hub id to load ``info`` from."""
+    return _local_or_hub(info, info.path, "local path")
 
 
 def resolve_adapter_path(info: ModelInfo) -> str:
-    """The folder or hub id to load ``info``'s adapter from (as :func:`_resolve_path` for the model)."""
+    """The folder or hub id to load ``info``'s adapter from."""
     if info.adapter is None:
         raise MemberError(f"member {info.id!r} has no adapter")
-    if _is_local(info.adapter):
-        path = str(Path(info.adapter).expanduser())
-        if not Path(path).is_dir():
-            raise MemberError(f"member {info.id!r}: adapter {info.adapter} is not a readable folder")
-        return path
-    prepare_hub()
-    return info.adapter
+    return _local_or_hub(info, info.adapter, "adapter")
 
 
 def _load_error(info: ModelInfo, what: str, e: Exception) -> MemberError:

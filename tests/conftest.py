@@ -251,3 +251,30 @@ def modules_imported_by(code: str, modules: Iterable[str]) -> list[str]:
     probe = f"{code}; import json, sys; print(json.dumps(sorted(m for m in {list(modules)!r} if m in sys.modules)))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class FinishedTexts:
+    """Sinks for the server engine's requests: ``sink(i)`` records request ``i``'s final text and sets
+    ``done[i]``; ``wait()`` waits for all of them, ``texts()`` lists them in request order."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.got: dict[int, str] = {}
+        self.done = {i: threading.Event() for i in range(n)}
+
+    def sink(self, i: int):
+        from salm.serve.engine import FinishEvent
+
+        def on(event):
+            if isinstance(event, FinishEvent):
+                self.got[i] = event.text
+                self.done[i].set()
+
+        return on
+
+    def wait(self, timeout: float = 60) -> bool:
+        return all(e.wait(timeout) for e in self.done.values())
+
+    def texts(self) -> list[str]:
+        return [self.got[i] for i in range(len(self.done))]

@@ -4,7 +4,6 @@ exactly as PEFT's own model of each adapter does; bad adapters are one-line erro
 from __future__ import annotations
 
 import json
-import threading
 import types
 
 import pytest
@@ -15,7 +14,7 @@ from salm.features import member_fingerprint
 from salm.members import MemberError, ModelInfo, load_member_set, write_member_set
 from salm.testing import build_lora_adapter, build_member, build_tiny_members
 from salm.training import TrainConfig, train
-from tests.conftest import PROMPTS, batch, fresh, write_jsonl
+from tests.conftest import PROMPTS, FinishedTexts, batch, fresh, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -169,29 +168,21 @@ def test_mixed_members_train_save_reload_and_route_identically(adapters, tmp_pat
 
 
 def test_the_server_engine_routes_adapter_members_as_generate_does(adapters):
-    from salm.serve.engine import Engine, FinishEvent, SamplingParams
+    from salm.serve.engine import Engine, SamplingParams
 
     ens = fresh(adapters.ens, seed=5, router="aware")  # heads under which math, code and general all speak
     jobs = [(PROMPTS[i % 3], 3 + 2 * i) for i in range(5)]
     want = [ens.generate(p, max_new_tokens=n, temperature=0) for p, n in jobs]
-    got, done = {}, {i: threading.Event() for i in range(len(jobs))}
-
-    def sink(i):
-        def on(event):
-            if isinstance(event, FinishEvent):
-                got[i] = event.text
-                done[i].set()
-
-        return on
-
+    results = FinishedTexts(len(jobs))
     engine = Engine(ens, max_batch=3).start()  # requests join and leave a running batch
     try:
         for i, (p, n) in enumerate(jobs):
-            engine.submit(ens.tokenizer(p)["input_ids"], SamplingParams(max_tokens=n, temperature=0.0), sink(i))
-        assert all(done[i].wait(60) for i in done)
+            params = SamplingParams(max_tokens=n, temperature=0.0)
+            engine.submit(ens.tokenizer(p)["input_ids"], params, results.sink(i))
+        assert results.wait(60)
     finally:
         engine.shutdown()
-    assert [got[i] for i in range(len(jobs))] == want
+    assert results.texts() == want
 
 
 def test_bad_adapters_are_one_line_errors_naming_the_member(adapters, tmp_path, tiny_tokenizer):

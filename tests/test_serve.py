@@ -25,7 +25,7 @@ httpx = pytest.importorskip("httpx", reason="the serve tests need the dev extra 
 pytest.importorskip("fastapi", reason="the serve tests need the serve extra (fastapi, uvicorn)")
 pytest.importorskip("uvicorn", reason="the serve tests need the serve extra (fastapi, uvicorn)")
 
-from tests.conftest import modules_imported_by  # noqa: E402
+from tests.conftest import FinishedTexts, modules_imported_by  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sekret"
@@ -511,33 +511,24 @@ def test_engine_keeps_each_rows_history_as_requests_join_and_leave(tiny_infos):
     that record must follow its row through admission into a running batch, and rows leaving: requests of
     different lengths, arriving while others decode, each get exactly what ``generate`` gives them alone."""
     from salm.ensemble import MultiModelWithScalarHeads
-    from salm.serve.engine import Engine, FinishEvent, SamplingParams
+    from salm.serve.engine import Engine, SamplingParams
 
     torch.manual_seed(3)
     ens = MultiModelWithScalarHeads(tiny_infos, device="cpu", router="aware").eval()
     jobs = [(PROMPTS[i % len(PROMPTS)], 4 + 3 * i) for i in range(6)]
     want = [_gen(ens, p, max_new_tokens=n).text for p, n in jobs]
-    done: dict[int, threading.Event] = {i: threading.Event() for i in range(len(jobs))}
-    got: dict[int, str] = {}
-
-    def sink(i):
-        def on(event):
-            if isinstance(event, FinishEvent):
-                got[i] = event.text
-                done[i].set()
-
-        return on
+    results = FinishedTexts(len(jobs))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = Engine(ens, max_batch=4).start()
     try:
         for i, (p, n) in enumerate(jobs):  # later ones join a running batch, the short ones leave it early
-            engine.submit(ens.tokenizer(p)["input_ids"], SamplingParams(max_tokens=n, temperature=0.0), sink(i))
+            engine.submit(ens.tokenizer(p)["input_ids"], SamplingParams(max_tokens=n, temperature=0.0), results.sink(i))
             if i % 2:
                 time.sleep(0.05)
-        assert all(done[i].wait(60) for i in done)
+        assert results.wait(60)
     finally:
         engine.shutdown()
         torch.set_num_threads(threads)
-    assert [got[i] for i in range(len(jobs))] == want
+    assert results.texts() == want
