@@ -15,6 +15,7 @@ the base itself as a member, all sharing one copy of the base weights (:mod:`sal
     python benchmarks/bench_adapters.py                          # Qwen2.5-0.5B architecture, random weights
     python benchmarks/bench_adapters.py --base /path/to/hf/folder  # a real base
     python benchmarks/bench_adapters.py --quick                  # smoke: 2-layer base
+    python benchmarks/bench_adapters.py --device cuda --peft_reference  # on a GPU -> results/adapters_gpu.json
 """
 
 from __future__ import annotations
@@ -76,20 +77,30 @@ def infos(base: Path, adapters: list[Path], with_base: bool = True) -> list[Any]
 
 # ---------------------------------------------------------------------------------------------- memory
 def child_memory(args: argparse.Namespace) -> None:
-    """In a fresh process: RSS after imports, then after loading the ensemble (or one member)."""
+    """In a fresh process: resident memory after imports, then after loading the ensemble (or one member). On a
+    GPU "resident" is the device memory PyTorch has allocated (the weights live there, not in the process)."""
     import psutil
 
     from salm.ensemble import MultiModelWithScalarHeads
 
     proc = psutil.Process()
-    before = proc.memory_info().rss
     spec = json.loads(args.child_spec)
+    device = spec.get("device", "cpu")
+    on_gpu = torch.device(device).type == "cuda"
+
+    def resident() -> int:
+        if on_gpu:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return proc.memory_info().rss
+
+    before = resident()
     base, adapters = Path(spec["base"]), [Path(a) for a in spec["adapters"]]
     members = infos(base, adapters)
     if spec["case"] in ("base", "peft"):  # the base alone as a plain model; PEFT's model of the base + adapters
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, spec["dtype"]))
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, spec["dtype"])).to(device)
         module = model
         if spec["case"] == "peft":
             from peft import PeftModel
@@ -97,13 +108,14 @@ def child_memory(args: argparse.Namespace) -> None:
             model = PeftModel.from_pretrained(model, str(adapters[0]), adapter_name="lora0")
             for k, a in enumerate(adapters[1:], 1):
                 model.load_adapter(str(a), adapter_name=f"lora{k}")
+            model.to(device)
     else:
-        model = MultiModelWithScalarHeads(members, device="cpu", dtype=spec["dtype"], router="aware")
+        model = MultiModelWithScalarHeads(members, device=device, dtype=spec["dtype"], router="aware")
         module = model.members[0]
     with torch.no_grad():  # read every page of every weight (memory-mapped files count once read), nothing else
         for p in list(module.parameters()) + list(model.parameters()):
             p.reshape(-1)[::512].float().sum()
-    rss = proc.memory_info().rss
+    rss = resident()
     print(json.dumps({"rss_after_import": before, "rss_loaded": rss, "weight_bytes": common.weight_bytes(module)}))
 
 
@@ -111,7 +123,13 @@ def memory(args: argparse.Namespace, base: Path, adapters: list[Path]) -> dict[s
     out = {}
     for case in ("base", "peft", "ensemble"):
         spec = json.dumps(
-            {"case": case, "base": str(base), "adapters": [str(a) for a in adapters], "dtype": args.dtype}
+            {
+                "case": case,
+                "base": str(base),
+                "adapters": [str(a) for a in adapters],
+                "dtype": args.dtype,
+                "device": args.device,
+            }
         )
         cmd = [sys.executable, __file__, "--child_spec", spec]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=common.ROOT)
@@ -163,12 +181,13 @@ def speed(args: argparse.Namespace, base: Path, adapters: list[Path]) -> dict[st
     from salm.ensemble import MultiModelWithScalarHeads
 
     torch.manual_seed(0)
-    four = MultiModelWithScalarHeads(infos(base, adapters), device="cpu", dtype=args.dtype, router="aware").eval()
+    dev = args.device
+    four = MultiModelWithScalarHeads(infos(base, adapters), device=dev, dtype=args.dtype, router="aware").eval()
     three = MultiModelWithScalarHeads(  # the same loaded base and adapters, without the base as a member
-        infos(base, adapters, with_base=False), members=four.members[1:], tokenizer=four.tokenizer, device="cpu",
+        infos(base, adapters, with_base=False), members=four.members[1:], tokenizer=four.tokenizer, device=dev,
         router="aware",
     ).eval()  # fmt: skip
-    apart = MultiModelWithScalarHeads(four.infos, members=four.members, tokenizer=four.tokenizer, device="cpu",
+    apart = MultiModelWithScalarHeads(four.infos, members=four.members, tokenizer=four.tokenizer, device=dev,
                                       router="aware").eval()  # fmt: skip
     apart.load_state_dict(four.state_dict())
     apart.run_groups = lambda run: [(i,) for i in run]
@@ -189,12 +208,12 @@ def speed(args: argparse.Namespace, base: Path, adapters: list[Path]) -> dict[st
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        ref = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, args.dtype))
+        ref = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, args.dtype)).to(dev)
         ref = PeftModel.from_pretrained(ref, str(adapters[0]), adapter_name="lora0")
         for k, a in enumerate(adapters[1:], 1):
             ref.load_adapter(str(a), adapter_name=f"lora{k}")
-        ref.eval()
-        ids = four.tokenizer(prompt, return_tensors="pt")["input_ids"].repeat(len(adapters), 1)
+        ref.to(dev).eval()
+        ids = four.tokenizer(prompt, return_tensors="pt")["input_ids"].repeat(len(adapters), 1).to(dev)
         names = [f"lora{k}" for k in range(len(adapters))]
         pad = four.tokenizer.pad_token_id
         jobs[1]["peft_mixed@1"] = peft_job(ref, ids, names, 1, pad)
@@ -202,7 +221,7 @@ def speed(args: argparse.Namespace, base: Path, adapters: list[Path]) -> dict[st
     for fn in jobs[1].values():  # warm-up
         fn()
     times: dict[int, dict[str, list[float]]] = {1: {k: [] for k in jobs[1]}}
-    repeats = [common.run_repeat(r, [1], {1: args.repeats}, jobs, times, "cpu") for r in range(args.repeats)]
+    repeats = [common.run_repeat(r, [1], {1: args.repeats}, jobs, times, dev) for r in range(args.repeats)]
     steps = {}
     for name in {k.split("@")[0] for k in jobs[1]}:
         long, short = times[1][f"{name}@{args.new_tokens}"], times[1][f"{name}@1"]
@@ -222,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype", default=None, help="members' dtype (default: bfloat16 where the CPU has it, else float32)"
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (memory on a GPU: PyTorch's allocated bytes)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", dest="new_tokens", type=int, default=13)
     p.add_argument("--prompt-tokens", dest="prompt_tokens", type=int, default=32)
@@ -234,11 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.child_spec:
         child_memory(args)
         return 0
+    gpu = torch.device(args.device).type == "cuda"
     if args.dtype is None:
-        args.dtype = "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
-    out = args.out or str(
-        Path(tempfile.gettempdir()) / "salm_adapters_quick.json" if args.quick else common.RESULTS / "adapters_cpu.json"
-    )
+        args.dtype = "bfloat16" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    default = common.RESULTS / ("adapters_gpu.json" if gpu else "adapters_cpu.json")
+    out = args.out or str(Path(tempfile.gettempdir()) / "salm_adapters_quick.json" if args.quick else default)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="salm_bench_adapters_"))
     t0 = time.perf_counter()
     try:
@@ -261,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": bool(args.quick),
         "base": args.base or "random Qwen2.5-0.5B architecture",
         "settings": {k: v for k, v in vars(args).items() if k not in ("child_spec",)},
-        "environment": common.environment("cpu"),
+        "environment": common.environment(args.device),
         "memory": mem,
         "decode": spd,
         "met": {
