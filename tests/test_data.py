@@ -312,6 +312,26 @@ def test_load_training_sets_holds_out_and_balances_local_files(tmp_path: Path) -
     assert (capped.report["datasets"]["arith"]["loaded"], len(capped.train), len(capped.val)) == (8, 6, 2)
 
 
+def test_balance_none_keeps_every_row_seeded_and_order_independent() -> None:
+    sets = {"a": _examples("a", 10), "b": _examples("b", 4)}
+    mixed = balance(sets, seed=1, mode="none")
+    assert sorted(e.id for e in mixed) == sorted(e.id for ex in sets.values() for e in ex)
+    assert balance(dict(reversed(sets.items())), seed=1, mode="none") == mixed
+    assert [e.id for e in balance(sets, seed=2, mode="none")] != [e.id for e in mixed]
+    with pytest.raises(ValueError, match="balance mode must be one of truncate, none, got 'upsample'"):
+        balance(sets, mode="upsample")
+
+
+def test_load_training_sets_balance_none_reports_every_row(tmp_path: Path) -> None:
+    gsm = write_jsonl(tmp_path / "arith.jsonl", [dict(GSM8K_ROW, question=f"q{i}") for i in range(40)])
+    bq = write_jsonl(tmp_path / "yesno.jsonl", [dict(BOOLQ_ROW, question=f"q{i}") for i in range(20)])
+    data = load_training_sets([str(gsm), str(bq)], val_fraction=0.25, seed=5, balance_mode="none")
+    arith, yesno = data.report["datasets"]["arith"], data.report["datasets"]["yesno"]
+    assert (arith["train_balanced"], arith["val_balanced"]) == (30, 10)
+    assert (yesno["train_balanced"], yesno["val_balanced"]) == (15, 5)
+    assert (len(data.train), len(data.val)) == (45, 15)
+
+
 def test_load_training_sets_rejects_name_clash(tmp_path: Path) -> None:
     first = write_jsonl(tmp_path / "x" / "data.jsonl", [GSM8K_ROW] * 3)
     second = write_jsonl(tmp_path / "y" / "data.jsonl", [GSM8K_ROW] * 3)

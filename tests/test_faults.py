@@ -66,6 +66,7 @@ def _dead_pid() -> int:
         ({"entropy_weight": -0.1}, "--entropy_weight must be >= 0"),
         ({"head_dropout": math.nan}, "--head_dropout must be a finite number"),
         ({"val_fraction": math.inf}, "--val_fraction must be a finite number"),
+        ({"balance": "upsample"}, "--balance must be truncate or none, got 'upsample'"),
         ({"head_hidden_dim": 0}, "--head_hidden_dim must be >= 2, got 0"),
         ({"head_hidden_dim": -5}, "--head_hidden_dim must be >= 2, got -5"),
         ({"batch_size": 2.5}, "--batch_size must be an integer, got 2.5"),

@@ -524,7 +524,7 @@ def test_train_config_parts_round_trip_through_flat_settings():
         "head_dropout", "seed", "max_length", "val_fraction", "max_examples", "loss_on",
     }  # fmt: skip
     # A key added since has the value older checkpoints were trained with.
-    assert set(RESUME_KEYS) == seed_keys | {"router", "disagreement_weight", "warmup_ratio"}
+    assert set(RESUME_KEYS) == seed_keys | {"router", "disagreement_weight", "warmup_ratio", "balance"}
     assert set(RESUME_KEYS) - seed_keys <= set(RESUME_DEFAULTS)
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['head_width'\]"):
         TrainConfig.from_flat(head_width=8)

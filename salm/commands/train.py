@@ -46,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_fraction", type=float, default=d.data.val_fraction, help="held out when no val split")
     parser.add_argument("--max_examples", type=int, default=None, help="first N rows per dataset (quick runs)")
     parser.add_argument(
+        "--balance", choices=["truncate", "none"], default=d.data.balance,
+        help="truncate: every dataset cut to the smallest one's rows (equal weight); none: every row kept",
+    )  # fmt: skip
+    parser.add_argument(
         "--loss_on", choices=["answer", "all"], default=d.data.loss_on, help="answer tokens only, or the whole text"
     )
     parser.add_argument("--report_to", choices=["none", "wandb", "tensorboard"], default=d.report_to)

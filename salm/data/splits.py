@@ -37,21 +37,34 @@ def train_val_split(
     return train, val
 
 
-def balance(datasets: dict[str, list[Example]], seed: int = 42) -> list[Example]:
-    """Mix datasets with equal weight (the seed's rule): cut each to the smallest size, then shuffle all.
+BALANCE_MODES = ("truncate", "none")
+"""How :func:`balance` mixes datasets: ``truncate`` (each cut to the smallest, equal weight: the seed's rule)
+or ``none`` (every row kept, so a dataset weighs by its size; for when the small sets are small because
+little of them is needed, and cutting the large one to their size would throw most of it away)."""
+
+
+def balance(datasets: dict[str, list[Example]], seed: int = 42, mode: str = "truncate") -> list[Example]:
+    """Mix datasets, then shuffle all: with equal weight (``mode="truncate"``, the seed's rule: cut each to
+    the smallest size), or every row of every dataset (``mode="none"``).
 
     Each dataset is cut after its own seeded shuffle, so the kept examples are a random sample rather than
     the first rows. Datasets are visited in name order, so the result does not depend on the order in
     which they were given.
     """
+    if mode not in BALANCE_MODES:
+        raise ValueError(f"balance mode must be one of {', '.join(BALANCE_MODES)}, got {mode!r}")
     if not datasets:
         raise ValueError("balance() needs at least one dataset")
     empty = [name for name, examples in datasets.items() if not examples]
     if empty:
         raise ValueError(f"cannot balance: dataset {empty[0]!r} has no examples")
-    size = min(len(examples) for examples in datasets.values())
+    smallest = min(len(examples) for examples in datasets.values())
     rng = random.Random(seed)
-    mixed = [ex for name in sorted(datasets) for ex in rng.sample(list(datasets[name]), size)]
+    mixed = [
+        ex
+        for name in sorted(datasets)
+        for ex in rng.sample(list(datasets[name]), smallest if mode == "truncate" else len(datasets[name]))
+    ]
     rng.shuffle(mixed)
     return mixed
 
@@ -71,13 +84,15 @@ def load_training_sets(
     seed: int = 42,
     max_examples: int | None = None,
     data_dir: str | Path | None = None,
+    balance_mode: str = "truncate",
 ) -> TrainingData:
     """Load, split and balance the training sources of ``salm train --datasets``.
 
     A source with its own validation split (hub datasets, or a local validation file under the data
     folder) uses it; otherwise a seeded ``val_fraction`` of its train rows is held out, and the report
     says so (``held_out``). ``max_examples`` keeps the first rows of each source for quick runs.
-    Train and validation are balanced separately so neither is dominated by the largest dataset.
+    Train and validation are balanced separately (``balance_mode``, see :data:`BALANCE_MODES`) so, by
+    default, neither is dominated by the largest dataset.
 
     Rows with an empty answer are skipped (they would train on the end-of-text token alone) and counted
     (``empty_answers_skipped``); validation rows whose prompt and answer also occur in any training set
@@ -132,11 +147,11 @@ def load_training_sets(
                 "the training data; give it distinct validation rows"
             )
         val_sets[name] = kept
-    train = balance(train_sets, seed)
-    val = balance(val_sets, seed)
+    train = balance(train_sets, seed, balance_mode)
+    val = balance(val_sets, seed, balance_mode)
     for name in per_dataset:
-        per_dataset[name]["train_balanced"] = len(train) // len(train_sets)
-        per_dataset[name]["val_balanced"] = len(val) // len(val_sets)
+        per_dataset[name]["train_balanced"] = sum(ex.dataset == name for ex in train)
+        per_dataset[name]["val_balanced"] = sum(ex.dataset == name for ex in val)
     report = {
         "datasets": per_dataset,
         "train_total": len(train),

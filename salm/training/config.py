@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from salm.data.splits import BALANCE_MODES
 from salm.generation import SEED_LIMIT
 from salm.heads import HeadConfig, HeadConfigError
 from salm.io import CACHE_ENV
@@ -54,6 +55,7 @@ class DataConfig:
     val_fraction: float = 0.1  # held out when a dataset has no validation split
     max_examples: int | None = None  # first N rows per dataset (quick runs)
     loss_on: str = "answer"  # answer tokens only, or "all" of the text
+    balance: str = "truncate"  # mix datasets equally (cut each to the smallest: the seed's rule) or keep "none" cut
 
     def problems(self) -> list[str]:
         if not _is_int(self.max_length):
@@ -65,6 +67,7 @@ class DataConfig:
             (0.0 <= self.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.max_examples is None or self.max_examples >= 1, "--max_examples must be >= 1"),
             (self.loss_on in ("answer", "all"), f"--loss_on must be answer or all, got {self.loss_on!r}"),
+            (self.balance in BALANCE_MODES, f"--balance must be truncate or none, got {self.balance!r}"),
             (bool(self.datasets), "--datasets needs at least one dataset"),
         ]
         return [msg for ok, msg in checks if not ok]
@@ -283,4 +286,4 @@ RESUME_KEYS = TrainConfig.resume_keys()
 # default (its "off" value).
 # default (its "off" value); warmup_ratio did not exist, the warm-up was always --warmup_steps (views record no
 # ratio when --warmup_steps is given: it does not change the run then).
-RESUME_DEFAULTS = {"router": "seed", "warmup_ratio": None, **LossConfig.resume_defaults()}
+RESUME_DEFAULTS = {"router": "seed", "warmup_ratio": None, "balance": "truncate", **LossConfig.resume_defaults()}

@@ -51,7 +51,9 @@ def load_data(cfg: TrainConfig, data: Any, main: bool) -> Any:
 
         d = cfg.data
         try:
-            data = load_training_sets(d.datasets, d.val_fraction, cfg.optim.seed, d.max_examples)
+            data = load_training_sets(
+                d.datasets, d.val_fraction, cfg.optim.seed, d.max_examples, balance_mode=d.balance
+            )
         except DataFormatError:
             raise
         except ValueError as e:  # duplicate names, no validation rows, ...: the user's to fix
