@@ -283,9 +283,13 @@ def _pack_base(model: nn.Module, device: str | torch.device) -> None:
     dense, since the grouped multiply reads them), but only when ``SALM_CPU_PACK=1`` asks for it.
 
     Packed after the injection, the base's unpacked weights stayed resident: Qwen2.5-0.5B with three adapters in
-    bf16 took 1.9x (base + adapters) of net RSS against 1.24x unpacked (``benchmarks/bench_adapters.py``), a cause
-    not found yet. So adapter bases keep PyTorch's kernels by default; in bf16 those are flat in the batch too
-    (``benchmarks/bench_decode.py``: 1.0-1.14x batch 1's step up to batch 8)."""
+    bf16 took 1.9x (base + adapters) of net RSS against 1.24x unpacked (``benchmarks/bench_adapters.py``). The
+    excess is file-backed: packing reads every page of the base's memory-mapped safetensors file, and the mapping
+    stays (psutil's ``shared`` grew by 1.1 GB, the file's size, for Qwen2.5-Coder-0.5B; cloning the remaining
+    tensors did not release it, so something else holds the mapping, not found yet). Those pages are clean and
+    the kernel can reclaim them, but they count in RSS. So adapter bases keep PyTorch's kernels by default; in
+    bf16 those are flat in the batch too (``benchmarks/bench_decode.py``: 1.0-1.14x batch 1's step up to batch 8),
+    though a long prefill runs about twice as fast packed."""
     from salm.cpu import PACK_ENV, pack_linear_weights, should_pack
 
     forced = os.environ.get(PACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
