@@ -108,6 +108,17 @@ def test_heads_read_the_stats(tiny_ensemble):
                 ens.router_logits(hidden)
 
 
+def test_the_evidence_router_is_blind_to_hidden_states(tiny_ensemble):
+    """``evidence`` routes on the statistics and the record alone: other hidden states, the same scores; the
+    ``aware`` router, which reads both, changes."""
+    ids, mask = batch(tiny_ensemble, PROMPTS)
+    hidden, _, stats, _ = tiny_ensemble.member_features(ids, mask, ids.masked_fill(mask == 0, -100))
+    other = [torch.randn_like(h) for h in hidden]
+    for router, blind in (("evidence", True), ("aware", False)):
+        ens = fresh(tiny_ensemble, seed=3, router=router)
+        assert torch.equal(ens.router_logits(hidden, stats), ens.router_logits(other, stats)) == blind, router
+
+
 def test_seed_pt_heads_route_identically(tiny_ensemble, tmp_path):
     """The seed's .pt heads (and folders saved before ``router`` existed) load as seed heads, unchanged."""
     state = seed_state(tiny_ensemble, tiny_ensemble.model_ids)

@@ -225,7 +225,7 @@ def test_options_differing_in_their_last_token_share_one_pass(tiny_ensemble, rou
     assert [g for _, g in cached] == [g for _, g in alone] and cached[-1][1] is True
 
 
-@pytest.mark.parametrize("router", ["confidence", "joint", "aware"])
+@pytest.mark.parametrize("router", ["confidence", "joint", "aware", "evidence"])
 def test_member_routing_works_with_routers_that_read_every_members_statistics(tiny_ensemble, tiny_infos, router):
     """A confidence/joint/aware router needs every member's statistics; member:<id> must not consult it at all."""
     from salm.ensemble import MultiModelWithScalarHeads

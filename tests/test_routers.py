@@ -116,7 +116,7 @@ def _served(model, prompt: str, n: int) -> str:
 
 
 def test_unknown_routers_and_unreadable_weights_are_named(record_router, tiny_ensemble, tmp_path):
-    known = "seed, confidence, joint, aware, record"
+    known = "seed, confidence, joint, aware, evidence, record"
     with pytest.raises(HeadConfigError, match=f"HeadConfig.router must be one of {known}; got 'moe'"):
         HeadConfig(router="moe")
     with pytest.raises(HeadConfigError, match="router name 'seed' is taken by salm.routers.seed.SeedRouter"):

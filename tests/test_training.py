@@ -363,7 +363,7 @@ def test_heads_learn_to_route_to_the_better_member(setup, tmp_path):
     assert not best.training and all(torch.equal(best.state_dict()[k], loaded[k]) for k in loaded)
 
 
-@pytest.mark.parametrize("router", ["confidence", "joint", "aware"])
+@pytest.mark.parametrize("router", ["confidence", "joint", "aware", "evidence"])
 def test_router_variants_and_disagreement_weight_train(setup, tmp_path, router):
     """Each router variant learns with the disagreement-weighted loss; the saved folder says its variant
     and reloads to the same routing; a resume with another variant is refused."""

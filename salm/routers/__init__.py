@@ -1,9 +1,9 @@
 """Routers: every variant one class, registered by name (see :mod:`salm.routers.base` for the interface).
 
 Built in: ``seed`` (the seed's heads), ``confidence`` (+ the members' next-token statistics), ``joint`` (one
-MLP over all members) and ``aware`` (``confidence`` + each member's record on the text so far; ``salm
-train``'s default). A new variant subclasses :class:`Router` and is decorated with :func:`register_router`; nothing
-else in saLM changes.
+MLP over all members), ``aware`` (``confidence`` + each member's record on the text so far; ``salm
+train``'s default) and ``evidence`` (the statistics and the record alone, no hidden states). A new variant
+subclasses :class:`Router` and is decorated with :func:`register_router`; nothing else in saLM changes.
 """
 
 from salm.routers.base import Router
@@ -20,10 +20,13 @@ from salm.routers.joint import JointRouter  # isort: split
 
 from salm.routers.aware import AwareRouter  # isort: split
 
+from salm.routers.evidence import EvidenceRouter  # isort: split
+
 __all__ = [
     "NORMS",
     "AwareRouter",
     "ConfidenceRouter",
+    "EvidenceRouter",
     "HeadConfig",
     "HeadConfigError",
     "JointMLP",
