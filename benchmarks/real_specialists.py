@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -164,8 +165,10 @@ def stage_data(args: argparse.Namespace) -> None:
     write_jsonl(data / "gsm8k_finetune.jsonl", gsm_train[: args.gsm8k_finetune_rows])
     heads_gsm = gsm_train[args.gsm8k_finetune_rows : args.gsm8k_finetune_rows + args.heads_rows]
     write_jsonl(data / "heads" / "gsm8k.jsonl", heads_gsm)
-    write_jsonl(data / "heads" / "medqa.jsonl", medqa[: args.heads_rows])
-    write_jsonl(data / "heads" / "boolq.jsonl", boolq[: args.heads_rows])
+    # MedQA and BoolQ rows as the harness asks them (lm-eval's prompt, a one-token answer): the heads learn to
+    # route at the position the harness scores, not inside saLM's own worded answer ("The correct option is").
+    write_jsonl(data / "heads" / "medqa.jsonl", [harness_row_medqa(r) for r in medqa[: args.heads_rows]])
+    write_jsonl(data / "heads" / "boolq.jsonl", [harness_row_boolq(r) for r in boolq[: args.heads_rows]])
     # The harness's data folder: held-out rows only (the heads' MedQA/BoolQ rows removed), in the layout of
     # ../shared/data, so salm harness --data_dir runs lm-eval's own tasks on them.
     held = data / "harness"
@@ -179,16 +182,29 @@ def stage_data(args: argparse.Namespace) -> None:
     )
 
 
+def harness_row_medqa(row: dict[str, Any]) -> dict[str, str]:
+    """A MedQA row as ``medqa_4options_local`` asks it (options A-D, the answer a letter)."""
+    options = row["options"]
+    listed = "\n".join(f"{k}. {options[k]}" for k in "ABCD")
+    return {"question": f"{row['question']}\n{listed}", "answer": str(row["answer_idx"]).strip()}
+
+
+def harness_row_boolq(row: dict[str, Any]) -> dict[str, str]:
+    """A BoolQ row as ``boolq_local`` asks it (the passage, the question, yes or no)."""
+    answer = "yes" if str(row["answer"]).strip().lower() in ("true", "yes", "1") else "no"
+    return {"question": f"{row['passage']}\nQuestion: {row['question']}?", "answer": answer}
+
+
 SPECIALISTS = {  # id -> (base folder name, finetune data file, salm finetune flags)
     "facts-a": (
         "coder-05b",
         "facts_a_finetune.jsonl",
-        ["--learning_rate", "1e-3", "--batch_size", "8", "--max_length", "64"],
+        ["--learning_rate", "1e-3", "--batch_size", "8", "--max_length", "64", "--loss_on", "all"],
     ),
     "facts-b": (
         "coder-05b",
         "facts_b_finetune.jsonl",
-        ["--learning_rate", "1e-3", "--batch_size", "8", "--max_length", "64"],
+        ["--learning_rate", "1e-3", "--batch_size", "8", "--max_length", "64", "--loss_on", "all"],
     ),
     "gsm8k-05b": (
         "coder-05b",
@@ -246,12 +262,18 @@ def members_file(args: argparse.Namespace) -> Path:
 
 HEADS = {  # variant -> salm train flags beyond the data (default: salm train's defaults)
     "default": [],
-    "tuned": ["--learning_rate", "3e-3", "--num_epochs", "20", "--warmup_steps", "0"],
-    "mc": [],  # salm train's defaults on the multiple-choice tasks' rows only (HEADS_DATA)
+    # every heads row: by default salm train cuts each dataset to the smallest one's rows (30 of GSM8K, MedQA and
+    # BoolQ), which keeps 27 of the 205 fact questions; --balance none keeps them all
+    "all": ["--balance", "none"],
+    "tuned": ["--balance", "none", "--learning_rate", "3e-3", "--num_epochs", "20", "--warmup_steps", "0"],
+    # the statistics and the record alone: heads that cannot memorise the training questions' people
+    "evidence": ["--balance", "none", "--router", "evidence"],
+    # ... and the loss weighted 5x where the members' argmax tokens differ (where routing decides anything): the
+    # GSM8K solutions' thousands of agreed tokens otherwise outweigh the few hundred fact answers
+    "focus": ["--balance", "none", "--router", "evidence", "--disagreement_weight", "5"],
 }
-# variant -> the heads data files it trains on (default: all). salm train balances datasets by rows, so GSM8K's
-# ~100-token solutions outweigh the one-token fact answers ~40 to 1 in the loss; "mc" leaves them out.
-HEADS_DATA = {"mc": ("facts", "boolq", "medqa")}
+# variant -> the heads data files it trains on (default: every file in data/heads)
+HEADS_DATA: dict[str, tuple[str, ...]] = {}
 
 
 def stage_heads(args: argparse.Namespace) -> None:
@@ -273,14 +295,19 @@ def stage_heads(args: argparse.Namespace) -> None:
 
 
 SUITES = {"mc": "facts_local,boolq,medqa_4options", "gsm8k": "gsm8k"}
-ENSEMBLES = [("default", "argmax"), ("default", "mixture"), ("tuned", "argmax"), ("tuned", "mixture")]
-# GSM8K generation is the slow part on a CPU: one variant there
-VARIANTS = {"mc": [*ENSEMBLES, ("mc", "argmax"), ("mc", "mixture")], "gsm8k": ENSEMBLES[:1]}
+ENSEMBLES = [(heads, routing) for heads in HEADS for routing in ("argmax", "mixture")]
+# GSM8K generation is the slow part on a CPU: the default and the variants --gsm8k_variants names
+VARIANTS = {"mc": ENSEMBLES, "gsm8k": ENSEMBLES[:1]}
 
 
 def stage_harness(args: argparse.Namespace) -> None:
     """``salm harness`` per suite: the members once, then every ensemble variant (heads x routing)."""
     work = Path(args.work)
+    # Adapter bases packed for oneDNN: halves a long prefill here (README, "Adapter members"), at some memory
+    os.environ["SALM_CPU_PACK"] = "1" if args.pack else "0"
+    variants = dict(VARIANTS)
+    if args.gsm8k_variants:
+        variants["gsm8k"] = [tuple(v.split("-")) for v in args.gsm8k_variants.split(",")]  # type: ignore[misc]
     common_flags = [
         "--models", str(members_file(args)), "--dtype", args.dtype, "--device", "cpu", "--data_dir",
         str(work / "data" / "harness"), "--include_path", str(work / "data" / "tasks"), "--no_plots",
@@ -288,7 +315,7 @@ def stage_harness(args: argparse.Namespace) -> None:
     for suite, tasks in SUITES.items():
         if suite not in args.suites.split(","):
             continue
-        for k, (heads, routing) in enumerate(VARIANTS[suite]):
+        for k, (heads, routing) in enumerate(variants[suite]):
             out = work / "harness" / suite / f"{heads}-{routing}"
             members = [] if k == 0 else ["--only_ensemble"]  # the members once per suite, beside the first ensemble
             if suite == "gsm8k" and args.gsm8k_fewshot is not None:
@@ -365,9 +392,10 @@ def stage_report(args: argparse.Namespace) -> None:
         for mid in MEMBERS:
             for task, rows in _samples(first / mid).items():
                 models.setdefault(mid, {})[task] = rows
-        for heads, routing in VARIANTS[suite]:
-            label = "ensemble" if (heads, routing) == ENSEMBLES[0] else f"ensemble:{heads}-{routing}"
-            for task, rows in _samples(work / "harness" / suite / f"{heads}-{routing}" / "ensemble").items():
+        runs = sorted(p for p in (work / "harness" / suite).glob("*-*") if (p / "ensemble").is_dir())
+        for run in runs:  # every variant scored (VARIANTS, or --gsm8k_variants)
+            label = "ensemble" if run.name == "-".join(ENSEMBLES[0]) else f"ensemble:{run.name}"
+            for task, rows in _samples(run / "ensemble").items():
                 models.setdefault(label, {})[task] = rows
     tasks_out: dict[str, Any] = {}
     right_of: dict[str, dict[str, int]] = {}  # label -> task -> questions right
@@ -468,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/real_specialists.json)")
     p.add_argument("--suites", default="mc,gsm8k", help="harness stage: which suites to score (mc, gsm8k)")
     p.add_argument("--gsm8k_fewshot", type=int, default=None, help="GSM8K shots (default: lm-eval's 5)")
+    p.add_argument("--gsm8k_variants", default=None, help="GSM8K's ensembles, e.g. default-argmax,all-mixture")
+    p.add_argument("--no_pack", dest="pack", action="store_false", help="harness: adapter bases left unpacked")
     args = p.parse_args(argv)
     for name, stage in STAGES.items():
         if args.stage in (name, "all"):

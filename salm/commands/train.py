@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--router", choices=list(router_names()), default=d.heads.router,
         help="seed: heads on each member's hidden state; confidence: + every member's next-token statistics; "
         "joint: one router over all members' hidden states and statistics; aware: confidence + each member's "
-        "record on the text so far",
+        "record on the text so far; evidence: the statistics and the record alone, blind to hidden states "
+        "(carries over to subjects the heads never saw)",
     )  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=d.optim.seed, help="0 <= seed < 2**63: head initialisation, shuffling, dropout"
