@@ -76,8 +76,9 @@ def test_head_config_round_trip_and_errors():
         ({"dropout": 1.0}, r"HeadConfig.dropout must be a number in \[0, 1\), got 1.0"),
         ({"dropout": float("nan")}, r"HeadConfig.dropout must be a number in \[0, 1\), got nan"),
         ({"norm": "group"}, "HeadConfig.norm must be one of layer, batch; got 'group'"),
-        ({"router": "moe"}, "HeadConfig.router must be one of seed, confidence, joint, aware; got 'moe'"),
+        ({"router": "moe"}, "HeadConfig.router must be one of seed, confidence, joint, aware, evidence; got 'moe'"),
         ({"router": "joint", "norm": "batch"}, "the joint router has LayerNorm only"),
+        ({"router": "evidence", "norm": "batch"}, "the evidence router has LayerNorm only"),
     ]:
         with pytest.raises(HeadConfigError, match=message):
             HeadConfig.from_dict(bad)
