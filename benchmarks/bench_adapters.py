@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode": spd,
         "met": {
             "memory": None if mem is None else mem["ensemble_over_base_plus_adapters"] <= TARGET_MEMORY_RATIO,
-            "routed3_step": spd["ratios"].get("routed3_over_base", float("inf")) <= TARGET_STEP_RATIO,
+            "routed3_step": None if spd is None else spd["ratios"].get("routed3_over_base", 9e9) <= TARGET_STEP_RATIO,
         },
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -20,7 +20,6 @@ its base (``merge_and_unload``) and use the merged folder as an ordinary member.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -280,18 +279,13 @@ def load_member_models(
 
 def _pack_base(model: nn.Module, device: str | torch.device) -> None:
     """Pack the base's linear layers for oneDNN on the CPU once PEFT has wrapped them (the LoRA matrices stay
-    dense, since the grouped multiply reads them), but only when ``SALM_CPU_PACK=1`` asks for it.
+    dense, since the grouped multiply reads them), by the rule every member follows (:func:`salm.cpu.should_pack`).
 
-    Packed after the injection, the base's unpacked weights stayed resident: Qwen2.5-0.5B with three adapters in
-    bf16 took 1.9x (base + adapters) of net RSS against 1.24x unpacked (``benchmarks/bench_adapters.py``). The
-    excess is file-backed: packing reads every page of the base's memory-mapped safetensors file, and the mapping
-    stays (psutil's ``shared`` grew by 1.1 GB, the file's size, for Qwen2.5-Coder-0.5B; cloning the remaining
-    tensors did not release it, so something else holds the mapping, not found yet). Those pages are clean and
-    the kernel can reclaim them, but they count in RSS. So adapter bases keep PyTorch's kernels by default; in
-    bf16 those are flat in the batch too (``benchmarks/bench_decode.py``: 1.0-1.14x batch 1's step up to batch 8),
-    though a long prefill runs about twice as fast packed."""
-    from salm.cpu import PACK_ENV, pack_linear_weights, should_pack
+    Packing reads every page of the base's memory-mapped checkpoint, which stayed resident beside the packed
+    copies (1.9x (base + adapters) of net RSS for Qwen2.5-Coder-0.5B with three adapters) until
+    :func:`salm.cpu.release_file_pages` handed them back: now 1.23x packed against 1.23x unpacked
+    (``benchmarks/bench_adapters.py``), and a 450-token prefill runs about twice as fast packed."""
+    from salm.cpu import pack_linear_weights, should_pack
 
-    forced = os.environ.get(PACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-    if torch.device(device).type == "cpu" and forced and should_pack(model):
+    if torch.device(device).type == "cpu" and should_pack(model):
         pack_linear_weights(model)

@@ -241,7 +241,48 @@ def pack_linear_weights(model: nn.Module) -> int:
                     continue  # a tied bf16 head: packing would copy it for ~10% of a step (fp32: 2x at batch 4)
                 setattr(parent, name, PackedLinear(child))
                 n += 1
+    if n:
+        release_file_pages(model)
     return n
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (a hint; no data is lost, dirty pages are kept)
+
+
+def release_file_pages(model: nn.Module) -> int:
+    """Hand back to the kernel the resident pages of the checkpoint files ``model``'s tensors are mapped from;
+    returns the bytes advised (0 where this is not Linux or the kernel refuses).
+
+    Hugging Face loads safetensors checkpoints memory-mapped, and the tensors left after packing (a tied
+    embedding, norms) keep the whole file mapped. Packing read every page of it, so without this the dense
+    copies stay resident beside the packed ones: Qwen2.5-Coder-0.5B with three adapters took 2.42 GB of net RSS
+    packed against 1.43 GB after this call (psutil's ``shared`` 1.11 -> 0.12 GB). ``MADV_PAGEOUT`` only
+    reclaims: pages still in use fault back in from the page cache, and nothing is discarded.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    ptrs = []
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.layout == torch.strided and not t.is_mkldnn:
+            ptrs.append(t.untyped_storage().data_ptr())
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return 0
+    ranges = []
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/") and not parts[5].endswith("(deleted)"):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if any(start <= p < end for p in ptrs):
+                ranges.append((start, end))
+    if not ranges:
+        return 0
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return sum(end - start for start, end in ranges if libc.madvise(start, end - start, _MADV_PAGEOUT) == 0)
 
 
 def compute_record(model: Any) -> dict[str, Any]:

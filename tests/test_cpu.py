@@ -199,3 +199,28 @@ def test_results_record_the_dtype_and_another_dtype_is_evaluated_again(tiny_info
             assert record["cpu"]["model"] == cpu.cpu_model() and record["cpu"]["packed_linears"] is True
             assert set(record["cpu"]["flags"]) <= set(cpu._FLAGS)
     assert len(list((tmp_path / "arith" / runner.GENERATIONS_DIR).iterdir())) == 6
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="/proc/self/maps and madvise: Linux")
+def test_packing_hands_back_the_checkpoint_files_pages_and_changes_no_logit(tiny_tokenizer, tmp_path):
+    """A model loaded from safetensors is memory-mapped from the file; after packing, the file's pages are
+    advised out (the bytes of exactly the mappings that hold its tensors), and the logits are unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from salm.testing import build_member
+
+    folder = build_member(tmp_path / "m", tiny_tokenizer, seed=0, hidden_size=64)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval().requires_grad_(False)
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9))
+    want = model(ids).logits
+    ptrs = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    mapped = 0
+    for line in open("/proc/self/maps", encoding="utf-8"):
+        parts = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if len(parts) == 6 and parts[5].strip().endswith(".safetensors") and any(start <= p < end for p in ptrs):
+            mapped += end - start
+    assert cpu.release_file_pages(model) in (0, mapped)  # 0: a kernel without MADV_PAGEOUT (older than 5.4)
+    torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+    cpu.pack_linear_weights(model)  # packs, then hands back the pages the packing read
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
