@@ -303,7 +303,7 @@ VARIANTS = {"mc": ENSEMBLES, "gsm8k": ENSEMBLES[:1]}
 def stage_harness(args: argparse.Namespace) -> None:
     """``salm harness`` per suite: the members once, then every ensemble variant (heads x routing)."""
     work = Path(args.work)
-    # Adapter bases packed for oneDNN: halves a long prefill here (README, "Adapter members"), at some memory
+    # Adapter bases packed for oneDNN (saLM's default for a base this size): halves a long prefill here
     os.environ["SALM_CPU_PACK"] = "1" if args.pack else "0"
     variants = dict(VARIANTS)
     if args.gsm8k_variants:
