@@ -183,10 +183,12 @@ def stage_data(args: argparse.Namespace) -> None:
 
 
 def harness_row_medqa(row: dict[str, Any]) -> dict[str, str]:
-    """A MedQA row as ``medqa_4options_local`` asks it (options A-D, the answer a letter)."""
-    options = row["options"]
-    listed = "\n".join(f"{k}. {options[k]}" for k in "ABCD")
-    return {"question": f"{row['question']}\n{listed}", "answer": str(row["answer_idx"]).strip()}
+    """A MedQA row as ``medqa_4options_local`` asks it (saLM's own converter lists the options A-D the same way;
+    the answer is the letter alone)."""
+    from salm.data.formats import row_to_example
+
+    example = row_to_example(row, dataset="medqa", split="test", index=0)
+    return {"question": example.question, "answer": str(example.label)}
 
 
 def harness_row_boolq(row: dict[str, Any]) -> dict[str, str]:
@@ -272,17 +274,13 @@ HEADS = {  # variant -> salm train flags beyond the data (default: salm train's 
     # GSM8K solutions' thousands of agreed tokens otherwise outweigh the few hundred fact answers
     "focus": ["--balance", "none", "--router", "evidence", "--disagreement_weight", "5"],
 }
-# variant -> the heads data files it trains on (default: every file in data/heads)
-HEADS_DATA: dict[str, tuple[str, ...]] = {}
 
 
 def stage_heads(args: argparse.Namespace) -> None:
-    """``salm train`` the routing heads (both variants share one feature cache)."""
+    """``salm train`` the routing heads (every variant shares one feature cache)."""
     work = Path(args.work)
+    heads_data = sorted(str(p) for p in (work / "data" / "heads").glob("*.jsonl"))
     for name, flags in HEADS.items():
-        keep = HEADS_DATA.get(name)
-        files = sorted((work / "data" / "heads").glob("*.jsonl"))
-        heads_data = [str(p) for p in files if keep is None or p.stem in keep]
         out = work / "heads" / name
         if (out / "best_model" / "salm_config.json").is_file():
             continue
@@ -303,8 +301,8 @@ VARIANTS = {"mc": ENSEMBLES, "gsm8k": ENSEMBLES[:1]}
 def stage_harness(args: argparse.Namespace) -> None:
     """``salm harness`` per suite: the members once, then every ensemble variant (heads x routing)."""
     work = Path(args.work)
-    # Adapter bases packed for oneDNN (saLM's default for a base this size): halves a long prefill here
-    os.environ["SALM_CPU_PACK"] = "1" if args.pack else "0"
+    if not args.pack:  # saLM packs a base this size for oneDNN by default (half the prefill time here)
+        os.environ["SALM_CPU_PACK"] = "0"
     variants = dict(VARIANTS)
     if args.gsm8k_variants:
         variants["gsm8k"] = [tuple(v.split("-")) for v in args.gsm8k_variants.split(",")]  # type: ignore[misc]

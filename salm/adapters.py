@@ -271,21 +271,12 @@ def load_member_models(
         if adapted:
             model.salm_lora = load_adapters(model, adapted, trust_remote_code)
             model.eval()
-            _pack_base(model, device)
+            # Packed once PEFT has wrapped the layers (the LoRA matrices stay dense: the grouped multiply reads
+            # them). The checkpoint's pages that packing reads are handed back (salm.cpu.release_file_pages):
+            # 1.23x (base + adapters) packed as unpacked, and a long prefill about twice as fast.
+            from salm.cpu import pack_if_worthwhile
+
+            pack_if_worthwhile(model, device)
         for i in group:
             models[i] = model
     return models
-
-
-def _pack_base(model: nn.Module, device: str | torch.device) -> None:
-    """Pack the base's linear layers for oneDNN on the CPU once PEFT has wrapped them (the LoRA matrices stay
-    dense, since the grouped multiply reads them), by the rule every member follows (:func:`salm.cpu.should_pack`).
-
-    Packing reads every page of the base's memory-mapped checkpoint, which stayed resident beside the packed
-    copies (1.9x (base + adapters) of net RSS for Qwen2.5-Coder-0.5B with three adapters) until
-    :func:`salm.cpu.release_file_pages` handed them back: now 1.23x packed against 1.23x unpacked
-    (``benchmarks/bench_adapters.py``), and a 450-token prefill runs about twice as fast packed."""
-    from salm.cpu import pack_linear_weights, should_pack
-
-    if torch.device(device).type == "cpu" and should_pack(model):
-        pack_linear_weights(model)

@@ -203,6 +203,14 @@ def should_pack(model: nn.Module) -> bool:
     return sum(w.numel() * w.element_size() for w in linear) >= PACK_MIN_BYTES
 
 
+def pack_if_worthwhile(model: nn.Module, device: str | torch.device) -> int:
+    """Pack ``model``'s linear layers when it sits on the CPU and :func:`should_pack` says so; returns how many.
+    The one rule for a plain member (at load) and an adapter base (once PEFT has wrapped its layers)."""
+    if torch.device(device).type != "cpu" or not should_pack(model):
+        return 0
+    return pack_linear_weights(model)
+
+
 def can_pack(model: nn.Module) -> bool:
     """Whether ``model``'s linear layers can be packed: on the CPU, float32 or bfloat16, oneDNN present."""
     p = next(model.parameters(), None)
@@ -218,7 +226,7 @@ def can_pack(model: nn.Module) -> bool:
 def pack_linear_weights(model: nn.Module) -> int:
     """Replace every ``nn.Linear`` of a frozen CPU model by a :class:`PackedLinear`; returns how many. PEFT's
     ``lora_A``/``lora_B`` layers stay as they are (an adapter-wrapped layer's ``base_layer`` is packed; see
-    :func:`salm.adapters._pack_base` for when).
+    :func:`salm.adapters.load_member_models`).
 
     A weight that another module shares (a tied LM head and input embedding) is packed as a copy in float32: the
     embedding keeps reading the dense rows. That costs the matrix once more in memory (545 MB for Qwen2.5-0.5B)
@@ -263,7 +271,7 @@ def release_file_pages(model: nn.Module) -> int:
         return 0
     ptrs = []
     for t in [*model.parameters(), *model.buffers()]:
-        if t.device.type == "cpu" and t.layout == torch.strided and not t.is_mkldnn:
+        if t.device.type == "cpu" and t.layout == torch.strided:  # not a packed (oneDNN) weight
             ptrs.append(t.untyped_storage().data_ptr())
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()

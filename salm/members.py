@@ -446,11 +446,10 @@ def load_member_model(
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    if pack and torch.device(device).type == "cpu":
-        from salm.cpu import pack_linear_weights, should_pack
+    if pack:  # oneDNN's blocked weights: a decode step reads each once, whatever the batch
+        from salm.cpu import pack_if_worthwhile
 
-        if should_pack(model):  # oneDNN's blocked weights: a decode step reads each once, whatever the batch
-            pack_linear_weights(model)
+        pack_if_worthwhile(model, device)
     return model
 
 

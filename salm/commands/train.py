@@ -11,6 +11,7 @@ from salm.commands import common
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags with its defaults, plus the data, cache and logging options; defaults are TrainConfig's."""
+    from salm.data.splits import BALANCE_MODES
     from salm.io import CACHE_ENV
     from salm.routers import router_names
     from salm.training import CHECKPOINT, DEFAULT_DATASETS, TrainConfig
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val_fraction", type=float, default=d.data.val_fraction, help="held out when no val split")
     parser.add_argument("--max_examples", type=int, default=None, help="first N rows per dataset (quick runs)")
     parser.add_argument(
-        "--balance", choices=["truncate", "none"], default=d.data.balance,
+        "--balance", choices=list(BALANCE_MODES), default=d.data.balance,
         help="truncate: every dataset cut to the smallest one's rows (equal weight); none: every row kept",
     )  # fmt: skip
     parser.add_argument(

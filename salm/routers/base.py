@@ -38,6 +38,7 @@ class Router(nn.Module):
     name: ClassVar[str] = ""
     reads_stats: ClassVar[bool] = False  # the confidence statistics of every member's next-token distribution
     reads_history: ClassVar[bool] = False  # each member's record on the text so far (salm.confidence.History)
+    layer_norm_only: ClassVar[bool] = False  # its modules have LayerNorm only (norm="batch" is for seed heads)
 
     def __init__(self, member_ids: Sequence[str], hidden_sizes: Sequence[int], config: HeadConfig):
         super().__init__()
@@ -54,6 +55,8 @@ class Router(nn.Module):
     @classmethod
     def check_config(cls, config: HeadConfig) -> str | None:
         """Why ``config`` cannot build this router (a message naming the field), or None."""
+        if cls.layer_norm_only and config.norm != "layer":
+            return f"HeadConfig: the {cls.name} router has LayerNorm only; norm='batch' exists for seed heads"
         return None
 
     @classmethod

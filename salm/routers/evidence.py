@@ -29,6 +29,7 @@ class EvidenceRouter(Router):
     name = "evidence"
     reads_stats = True
     reads_history = True
+    layer_norm_only = True
 
     def __init__(self, member_ids: Sequence[str], hidden_sizes: Sequence[int], config: HeadConfig):
         super().__init__(member_ids, hidden_sizes, config)
@@ -41,12 +42,6 @@ class EvidenceRouter(Router):
     def forward(self, hidden_states: Sequence[torch.Tensor], inputs: torch.Tensor | None = None) -> torch.Tensor:
         x = self.read(inputs)
         return self.evidence_router(x.to(self.evidence_router[0].weight.dtype)).float()
-
-    @classmethod
-    def check_config(cls, config: HeadConfig) -> str | None:
-        if config.norm != "layer":
-            return "HeadConfig: the evidence router has LayerNorm only; norm='batch' exists for seed heads"
-        return None
 
     @classmethod
     def matches_state(cls, state: Mapping[str, torch.Tensor]) -> bool:

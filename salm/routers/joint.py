@@ -22,6 +22,7 @@ class JointRouter(Router):
 
     name = "joint"
     reads_stats = True
+    layer_norm_only = True
 
     def __init__(self, member_ids: Sequence[str], hidden_sizes: Sequence[int], config: HeadConfig):
         super().__init__(member_ids, hidden_sizes, config)
@@ -37,12 +38,6 @@ class JointRouter(Router):
         x = self.read(inputs)
         projected = [self.projection_heads[mid](h) for mid, h in zip(self.member_ids, hidden_states)]
         return self.joint_router(projected, x).float()
-
-    @classmethod
-    def check_config(cls, config: HeadConfig) -> str | None:
-        if config.norm != "layer":
-            return "HeadConfig: the joint router has LayerNorm only; norm='batch' exists for seed heads"
-        return None
 
     @classmethod
     def matches_state(cls, state: Mapping[str, torch.Tensor]) -> bool:

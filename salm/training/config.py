@@ -67,7 +67,7 @@ class DataConfig:
             (0.0 <= self.val_fraction < 1.0, f"--val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.max_examples is None or self.max_examples >= 1, "--max_examples must be >= 1"),
             (self.loss_on in ("answer", "all"), f"--loss_on must be answer or all, got {self.loss_on!r}"),
-            (self.balance in BALANCE_MODES, f"--balance must be truncate or none, got {self.balance!r}"),
+            (self.balance in BALANCE_MODES, f"--balance must be {' or '.join(BALANCE_MODES)}, got {self.balance!r}"),
             (bool(self.datasets), "--datasets needs at least one dataset"),
         ]
         return [msg for ok, msg in checks if not ok]
