@@ -39,6 +39,9 @@ class Router(nn.Module):
     reads_stats: ClassVar[bool] = False  # the confidence statistics of every member's next-token distribution
     reads_history: ClassVar[bool] = False  # each member's record on the text so far (salm.confidence.History)
     layer_norm_only: ClassVar[bool] = False  # its modules have LayerNorm only (norm="batch" is for seed heads)
+    # A router with a module of its own: the name of that module's first weight ([hidden_dim, F]), which tells
+    # bare weights of this router (its module's name) and their hidden width (its first dimension)
+    width_weight: ClassVar[str | None] = None
 
     def __init__(self, member_ids: Sequence[str], hidden_sizes: Sequence[int], config: HeadConfig):
         super().__init__()
@@ -62,12 +65,16 @@ class Router(nn.Module):
     @classmethod
     def matches_state(cls, state: Mapping[str, torch.Tensor]) -> bool:
         """Whether ``state`` (weights saved without a config) holds this router; only one router may say yes."""
-        return False
+        if cls.width_weight is None:
+            return False
+        module = cls.width_weight.split(".")[0] + "."
+        return any(k.startswith(module) for k in state)
 
     @classmethod
     def config_of_state(cls, state: Mapping[str, torch.Tensor]) -> dict:
         """The HeadConfig fields (besides ``router``) such weights were built with, read off their tensors."""
-        return {}
+        key = cls.width_weight
+        return {"hidden_dim": state[key].shape[0]} if key is not None and key in state else {}
 
     def inputs(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor | None:
         """This router's inputs from the members' logits ``[..., M, V]`` and the history features ``[..., 2M]``

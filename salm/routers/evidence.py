@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -10,8 +10,6 @@ from torch import nn
 from salm.routers.base import Router
 from salm.routers.config import HeadConfig
 from salm.routers.registry import register_router
-
-_FIRST = "evidence_router.0.weight"  # [hidden_dim, F]: tells the width
 
 
 @register_router
@@ -30,6 +28,7 @@ class EvidenceRouter(Router):
     reads_stats = True
     reads_history = True
     layer_norm_only = True
+    width_weight = "evidence_router.0.weight"
 
     def __init__(self, member_ids: Sequence[str], hidden_sizes: Sequence[int], config: HeadConfig):
         super().__init__(member_ids, hidden_sizes, config)
@@ -42,11 +41,3 @@ class EvidenceRouter(Router):
     def forward(self, hidden_states: Sequence[torch.Tensor], inputs: torch.Tensor | None = None) -> torch.Tensor:
         x = self.read(inputs)
         return self.evidence_router(x.to(self.evidence_router[0].weight.dtype)).float()
-
-    @classmethod
-    def matches_state(cls, state: Mapping[str, torch.Tensor]) -> bool:
-        return any(k.startswith("evidence_router.") for k in state)
-
-    @classmethod
-    def config_of_state(cls, state: Mapping[str, torch.Tensor]) -> dict:
-        return {"hidden_dim": state[_FIRST].shape[0]} if _FIRST in state else {}

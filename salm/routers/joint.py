@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,8 +11,6 @@ from salm.routers.base import Router
 from salm.routers.config import HeadConfig
 from salm.routers.layers import JointMLP
 from salm.routers.registry import register_router
-
-_TRUNK_IN = "joint_router.stats_projection.weight"  # [hidden_dim, F]: tells the width
 
 
 @register_router
@@ -23,6 +21,7 @@ class JointRouter(Router):
     name = "joint"
     reads_stats = True
     layer_norm_only = True
+    width_weight = "joint_router.stats_projection.weight"
 
     def __init__(self, member_ids: Sequence[str], hidden_sizes: Sequence[int], config: HeadConfig):
         super().__init__(member_ids, hidden_sizes, config)
@@ -38,11 +37,3 @@ class JointRouter(Router):
         x = self.read(inputs)
         projected = [self.projection_heads[mid](h) for mid, h in zip(self.member_ids, hidden_states)]
         return self.joint_router(projected, x).float()
-
-    @classmethod
-    def matches_state(cls, state: Mapping[str, torch.Tensor]) -> bool:
-        return any(k.startswith("joint_router.") for k in state)
-
-    @classmethod
-    def config_of_state(cls, state: Mapping[str, torch.Tensor]) -> dict:
-        return {"hidden_dim": state[_TRUNK_IN].shape[0]} if _TRUNK_IN in state else {}
